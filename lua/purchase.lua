@@ -1,0 +1,95 @@
+--[[
+purchase.lua: take one unit of a promotion for each buyer in a list, atomically.
+
+The whole sale decision lives here, so that no interleaving of gateways can
+oversell, sell a buyer more than the limit, or confirm an order that has no
+message in the stream.
+
+KEYS[1]  {P:p:ID}:meta     hash  id, starts_ms, ends_ms, limit, price_cents,
+                                 stock (initial), sold, returned,
+                                 require_token, require_captcha
+KEYS[2]  {P:p:ID}:stock    string  units left on sale
+KEYS[3]  {P:p:ID}:buyers   hash  user id -> units bought
+KEYS[4]  {P:p:ID}:orders   stream  one entry per unit taken, read by the workers
+KEYS[5]  {P:p:ID}:results  hash  user id -> order id of the buyer's latest purchase
+
+ARGV[1]          n, the number of buyers in this call (>= 1)
+ARGV[2k], [2k+1] for k = 1..n: the buyer's user id and the order id to use if
+                 the buyer wins (unique, minted by the gateway)
+
+Returns an array of n integers, one per buyer, in order:
+  1  bought: the unit is taken and the order is in the stream
+  0  sold out
+  2  already purchased: the buyer has reached per-user limit
+  3  not started      4  ended
+  5  unknown: the promotion's meta is missing (never preheated, deleted, or
+     lost by Redis; `seckill recover` rebuilds it)
+
+Stream entry fields: order_id, promotion_id, user_id, seq (the buyer's n-th
+unit, 1-based), price_cents, created_ms.
+
+Invariants (each has a test):
+  - stock never goes below zero: a unit is taken only while stock > 0;
+  - a buyer's count never exceeds limit, and the limit is checked before the
+    stock, so a repeat buyer never burns a unit, and a buyer is counted only
+    when a unit is taken;
+  - stock, the buyer's count, sold, the result and the stream entry change
+    together or not at all (a script runs atomically);
+  - stock + sold - returned = initial stock, always;
+  - time is Redis's own clock, the one every gateway shares.
+]]
+
+local n = tonumber(ARGV[1])
+local out = {}
+
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  for i = 1, n do out[i] = 5 end
+  return out
+end
+
+local meta = redis.call('HMGET', KEYS[1], 'id', 'starts_ms', 'ends_ms', 'limit', 'price_cents')
+local promotion_id = meta[1]
+local starts_ms = tonumber(meta[2])
+local ends_ms = tonumber(meta[3])
+local limit = tonumber(meta[4])
+local price_cents = meta[5]
+
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+if now_ms < starts_ms then
+  for i = 1, n do out[i] = 3 end
+  return out
+end
+if now_ms >= ends_ms then
+  for i = 1, n do out[i] = 4 end
+  return out
+end
+
+local stock = tonumber(redis.call('GET', KEYS[2]) or '0')
+
+for i = 1, n do
+  local user_id = ARGV[2 * i]
+  local order_id = ARGV[2 * i + 1]
+  local bought = tonumber(redis.call('HGET', KEYS[3], user_id) or '0')
+  if bought >= limit then
+    out[i] = 2
+  elseif stock <= 0 then
+    out[i] = 0
+  else
+    stock = redis.call('DECR', KEYS[2])
+    local seq = redis.call('HINCRBY', KEYS[3], user_id, 1)
+    redis.call('HINCRBY', KEYS[1], 'sold', 1)
+    redis.call('HSET', KEYS[5], user_id, order_id)
+    redis.call('XADD', KEYS[4], '*',
+      'order_id', order_id,
+      'promotion_id', promotion_id,
+      'user_id', user_id,
+      'seq', seq,
+      'price_cents', price_cents,
+      'created_ms', now_ms)
+    out[i] = 1
+  end
+end
+
+return out

@@ -1,0 +1,57 @@
+--[[
+recover.lua: rebuild a promotion's sale state from the counts PostgreSQL
+(and whatever remains of the stream) gives, when Redis lost it.
+
+Run by `seckill recover` and at start-up, after the buyers, results and
+returned keys were refilled (HSET/SADD in chunks; their values are derived
+from PostgreSQL, so refilling twice writes the same thing). Until this script
+has run, the meta hash is missing and purchase.lua answers "unknown" for the
+promotion, so nothing is sold from a half-rebuilt state.
+
+KEYS[1]  {P:p:ID}:meta     hash (see purchase.lua)
+KEYS[2]  {P:p:ID}:stock    string
+KEYS[3]  {P:p:ID}:orders   stream
+
+ARGV[1]     promotion id
+ARGV[2..7]  starts_ms, ends_ms, limit, price_cents, initial stock,
+            require_token (as preheat.lua)
+ARGV[8]     the workers' consumer group name
+ARGV[9]     require_captcha (0 or 1)
+ARGV[10]    sold: orders that exist (in PostgreSQL or still in the stream)
+ARGV[11]    returned: cancelled orders whose unit is back
+
+Returns 1 when the state was rebuilt, 0 when the meta hash existed (nothing
+changed: running recovery twice is harmless).
+
+Invariants:
+  - stock = initial - sold + returned, never below zero;
+  - the state appears at once (meta is written last, in this one call).
+]]
+
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
+end
+
+local sold = tonumber(ARGV[10])
+local returned = tonumber(ARGV[11])
+local left = tonumber(ARGV[6]) - sold + returned
+if left < 0 then left = 0 end
+redis.call('SET', KEYS[2], left)
+
+local ok = redis.pcall('XGROUP', 'CREATE', KEYS[3], ARGV[8], '0', 'MKSTREAM')
+if type(ok) == 'table' and ok.err and not string.find(ok.err, 'BUSYGROUP') then
+  return redis.error_reply(ok.err)
+end
+
+redis.call('HSET', KEYS[1],
+  'id', ARGV[1],
+  'starts_ms', ARGV[2],
+  'ends_ms', ARGV[3],
+  'limit', ARGV[4],
+  'price_cents', ARGV[5],
+  'stock', ARGV[6],
+  'require_token', ARGV[7],
+  'require_captcha', ARGV[9],
+  'sold', sold,
+  'returned', returned)
+return 1

@@ -1,0 +1,136 @@
+//! `POST /api/promotions/{id}/token` (admission tokens) and
+//! `GET /api/promotions/{id}/captcha` (the challenge that guards them).
+
+use chrono::{DateTime, Utc};
+use hyper::StatusCode;
+use serde::Deserialize;
+
+use crate::admission::{self, answer_matches};
+use crate::http::request::Request;
+use crate::http::{ApiError, Response, json};
+use crate::stock::scripts::{self, Admission};
+
+/// The token body: `{}` or, when the promotion requires a captcha,
+/// `{"captcha_id": "...", "answer": "..."}`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenBody {
+    captcha_id: Option<String>,
+    answer: Option<String>,
+}
+
+fn rfc3339_ms(ms: i64) -> String {
+    DateTime::<Utc>::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// Longest captcha id accepted; ours are 32 hex characters.
+const MAX_CAPTCHA_ID_LEN: usize = 64;
+
+pub async fn token(req: Request) -> Result<Response, ApiError> {
+    let id = req.id()?;
+    let user_id = req.user()?;
+    let state = req.state.clone();
+    state.limits.check_user(user_id)?;
+    let body: TokenBody = req.json().await?;
+    let meta = state
+        .cache
+        .meta(&state.redis, &state.keys, id)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
+    if !meta.require_token {
+        return Err(ApiError::invalid_request(
+            "this promotion does not use admission tokens",
+        ));
+    }
+    let mut conn = state.redis.clone();
+    if meta.require_captcha {
+        let (Some(captcha_id), Some(answer)) = (body.captcha_id, body.answer) else {
+            return Err(ApiError::invalid_captcha());
+        };
+        if captcha_id.is_empty() || captcha_id.len() > MAX_CAPTCHA_ID_LEN {
+            return Err(ApiError::invalid_captcha());
+        }
+        // GETDEL: a challenge is answered once, right or wrong.
+        let stored: Option<String> = redis::cmd("GETDEL")
+            .arg(state.keys.captcha(id, &captcha_id))
+            .query_async(&mut conn)
+            .await?;
+        let passed = stored
+            .as_deref()
+            .and_then(|s| s.split_once(':'))
+            .is_some_and(|(uid, expected)| {
+                uid == user_id.to_string() && answer_matches(expected, &answer)
+            });
+        if !passed {
+            return Err(ApiError::invalid_captcha());
+        }
+    }
+    match scripts::issue_token(
+        &mut conn,
+        &state.keys,
+        id,
+        user_id,
+        state.settings.token_cap_multiple,
+    )
+    .await?
+    {
+        Admission::Admitted => {}
+        Admission::SoldOut => return Err(ApiError::sold_out()),
+        Admission::NotStarted => return Err(ApiError::not_started()),
+        Admission::Ended => return Err(ApiError::ended()),
+        Admission::Unknown => return Err(ApiError::not_found()),
+    }
+    let expires_ms = Utc::now().timestamp_millis() + state.settings.token_ttl.as_millis() as i64;
+    let token = state.tokens.sign(id, user_id, expires_ms);
+    metrics::counter!("seckill_tokens_issued_total").increment(1);
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({"token": token, "expires_at": rfc3339_ms(expires_ms)}),
+    ))
+}
+
+pub async fn captcha(req: Request) -> Result<Response, ApiError> {
+    let id = req.id()?;
+    let user_id = req.user()?;
+    let state = req.state.clone();
+    state.limits.check_user(user_id)?;
+    let meta = state
+        .cache
+        .meta(&state.redis, &state.keys, id)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
+    if !meta.require_captcha {
+        return Err(ApiError::invalid_request(
+            "this promotion does not use a captcha",
+        ));
+    }
+    let challenge = tokio::task::spawn_blocking(admission::draw_challenge)
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| {
+            tracing::error!("failed to draw a captcha");
+            ApiError::internal()
+        })?;
+    let captcha_id = uuid::Uuid::new_v4().simple().to_string();
+    let ttl = state.settings.captcha_ttl;
+    let mut conn = state.redis.clone();
+    let _: () = redis::cmd("SET")
+        .arg(state.keys.captcha(id, &captcha_id))
+        .arg(format!("{user_id}:{}", challenge.answer))
+        .arg("PX")
+        .arg(ttl.as_millis() as u64)
+        .query_async(&mut conn)
+        .await?;
+    let expires_ms = Utc::now().timestamp_millis() + ttl.as_millis() as i64;
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "captcha_id": captcha_id,
+            "image_png_base64": challenge.png_base64,
+            "expires_at": rfc3339_ms(expires_ms),
+        }),
+    ))
+}

@@ -1,0 +1,155 @@
+//! `POST /api/promotions/{id}/purchase` (the hot path) and
+//! `GET /api/promotions/{id}/result`.
+//!
+//! The purchase path touches only Redis, and only once: the local cache
+//! answers unknown, not-started, ended and recently sold-out promotions; what
+//! passes runs `lua/purchase.lua`, which decides atomically.
+
+use std::time::Instant;
+
+use chrono::Utc;
+use hyper::StatusCode;
+use serde::Deserialize;
+
+use crate::http::request::Request;
+use crate::http::{ApiError, Response, json};
+use crate::orders::repo as orders;
+use crate::promotions::cache::SoldOut;
+use crate::stock::Outcome;
+use crate::stock::scripts::{self, Buyer};
+
+/// The purchase body: `{}` or `{"token": "..."}`. There is no quantity: one
+/// call buys one unit, and unknown fields are refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PurchaseBody {
+    token: Option<String>,
+}
+
+pub async fn purchase(req: Request) -> Result<Response, ApiError> {
+    let id = req.id()?;
+    let user_id = req.user()?;
+    let state = req.state.clone();
+    if let Err(limited) = state.limits.check_user(user_id) {
+        return Err(rejected("rate_limited", limited.into()));
+    }
+    let body: PurchaseBody = req.json().await?;
+
+    let Ok(_permit) = state.inflight.try_acquire() else {
+        metrics::counter!("seckill_purchases_total", "outcome" => "overloaded").increment(1);
+        return Err(ApiError::unavailable("too many purchases in flight"));
+    };
+
+    let meta = state
+        .cache
+        .meta(&state.redis, &state.keys, id)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
+    let now_ms = Utc::now().timestamp_millis();
+    if now_ms < meta.starts_ms {
+        return Err(rejected("not_started", ApiError::not_started()));
+    }
+    if now_ms >= meta.ends_ms {
+        return Err(rejected("ended", ApiError::ended()));
+    }
+    if meta.require_token
+        && let Err(why) = state
+            .tokens
+            .verify(body.token.as_deref(), id, user_id, now_ms)
+    {
+        tracing::debug!(
+            promotion = id,
+            user = user_id,
+            ?why,
+            "admission token refused"
+        );
+        return Err(rejected("invalid_token", ApiError::invalid_token()));
+    }
+    let probe = match state.cache.sold_out(id).await {
+        SoldOut::Fresh => return Err(rejected("sold_out", ApiError::sold_out())),
+        SoldOut::Probe(guard) => Some(guard),
+        SoldOut::NotFlagged => None,
+    };
+    // Only what will reach Redis counts against the ceiling that protects it.
+    if let Err(limited) = state.limits.check_global() {
+        return Err(rejected("rate_limited", limited.into()));
+    }
+
+    let buyer = Buyer {
+        user_id,
+        order_id: uuid::Uuid::now_v7().to_string(),
+    };
+    let mut conn = state.redis.clone();
+    let started = Instant::now();
+    let outcome = scripts::purchase(&mut conn, &state.keys, id, std::slice::from_ref(&buyer))
+        .await?
+        .pop()
+        .unwrap_or(Outcome::Unknown);
+    metrics::histogram!("seckill_lua_seconds", "script" => "purchase")
+        .record(started.elapsed().as_secs_f64());
+
+    match outcome {
+        Outcome::Bought { order_id } => {
+            if probe.is_some() {
+                // The flag had aged and stock was there after all.
+                state.cache.clear_sold_out(id).await;
+            }
+            metrics::counter!("seckill_purchases_total", "outcome" => "bought").increment(1);
+            tracing::debug!(promotion = id, user = user_id, %order_id, "bought");
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({"order_id": order_id, "status": "pending"}),
+            ))
+        }
+        Outcome::SoldOut => {
+            state.cache.mark_sold_out(id).await;
+            Err(rejected("sold_out", ApiError::sold_out()))
+        }
+        Outcome::AlreadyPurchased => {
+            Err(rejected("already_purchased", ApiError::already_purchased()))
+        }
+        Outcome::NotStarted => Err(rejected("not_started", ApiError::not_started())),
+        Outcome::Ended => Err(rejected("ended", ApiError::ended())),
+        Outcome::Unknown => {
+            // The cache knew the promotion but Redis has no state for it:
+            // Redis lost it, or it was just deleted. Never guess.
+            state.cache.invalidate(id).await;
+            Err(ApiError::unavailable(
+                "the promotion's sale state is not loaded",
+            ))
+        }
+    }
+}
+
+fn rejected(outcome: &'static str, e: ApiError) -> ApiError {
+    metrics::counter!("seckill_purchases_total", "outcome" => outcome).increment(1);
+    e
+}
+
+/// `GET /api/promotions/{id}/result`: `none`, `pending` (bought, not yet in
+/// PostgreSQL) or `confirmed` (persisted).
+pub async fn result(req: Request) -> Result<Response, ApiError> {
+    let id = req.id()?;
+    let user_id = req.user()?;
+    let state = &req.state;
+    let mut conn = state.redis.clone();
+    let in_redis: Option<String> = redis::cmd("HGET")
+        .arg(state.keys.promotion(id).results)
+        .arg(user_id)
+        .query_async(&mut conn)
+        .await?;
+    let (status, order_id) = match in_redis {
+        Some(order_id) if orders::exists(&state.db, &order_id).await? => {
+            ("confirmed", Some(order_id))
+        }
+        Some(order_id) => ("pending", Some(order_id)),
+        None => match orders::latest_for(&state.db, id, user_id).await? {
+            Some(order_id) => ("confirmed", Some(order_id)),
+            None => ("none", None),
+        },
+    };
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({"status": status, "order_id": order_id}),
+    ))
+}

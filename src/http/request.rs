@@ -1,0 +1,160 @@
+//! What a handler gets, and the helpers that turn raw input into typed values
+//! or a 4xx: ids, bounded JSON bodies, credentials.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::header::{AUTHORIZATION, CONTENT_LENGTH};
+use serde::de::DeserializeOwned;
+
+use super::ApiError;
+use crate::app::AppState;
+use crate::config::MAX_BODY_BYTES;
+
+/// A routed request.
+pub struct Request {
+    pub state: Arc<AppState>,
+    pub parts: hyper::http::request::Parts,
+    pub body: Incoming,
+    /// The route's one path parameter (`{id}` or `{order_id}`), if it has one.
+    pub param: Option<String>,
+    pub peer: SocketAddr,
+}
+
+impl Request {
+    /// The path id as a positive integer, or `400 invalid_id`.
+    pub fn id(&self) -> Result<i64, ApiError> {
+        let id = parse_id(self.param.as_deref().unwrap_or(""))?;
+        tracing::Span::current().record("promotion", id);
+        Ok(id)
+    }
+
+    /// The path parameter as text (order ids are strings).
+    pub fn param(&self) -> &str {
+        self.param.as_deref().unwrap_or("")
+    }
+
+    /// The caller's user id from its JWT, or `401 unauthorized`.
+    pub fn user(&self) -> Result<i64, ApiError> {
+        let user = self.state.auth.user(self.authorization())?;
+        tracing::Span::current().record("user", user);
+        Ok(user)
+    }
+
+    /// Passes only with the admin token, else `401 unauthorized`.
+    pub fn admin(&self) -> Result<(), ApiError> {
+        Ok(self.state.auth.admin(self.authorization())?)
+    }
+
+    fn authorization(&self) -> Option<&[u8]> {
+        self.parts.headers.get(AUTHORIZATION).map(|v| v.as_bytes())
+    }
+
+    /// Reads the whole body, at most [`MAX_BODY_BYTES`] (`413`) within the
+    /// body timeout (`408`).
+    pub async fn bytes(self) -> Result<Bytes, ApiError> {
+        read_body(self.parts, self.body, self.state.settings.body_timeout).await
+    }
+
+    /// Reads the body as JSON of type `T`; an empty body counts as `{}`.
+    pub async fn json<T: DeserializeOwned>(self) -> Result<T, ApiError> {
+        let bytes = self.bytes().await?;
+        parse_json(&bytes)
+    }
+}
+
+/// A positive integer id, or `400 invalid_id`.
+pub fn parse_id(raw: &str) -> Result<i64, ApiError> {
+    if raw.is_empty() || raw.len() > 18 || !raw.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ApiError::invalid_id());
+    }
+    match raw.parse::<i64>() {
+        Ok(id) if id > 0 => Ok(id),
+        _ => Err(ApiError::invalid_id()),
+    }
+}
+
+async fn read_body(
+    parts: hyper::http::request::Parts,
+    body: Incoming,
+    timeout: Duration,
+) -> Result<Bytes, ApiError> {
+    let declared = parts
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        return Err(ApiError::payload_too_large(MAX_BODY_BYTES));
+    }
+    match tokio::time::timeout(timeout, Limited::new(body, MAX_BODY_BYTES).collect()).await {
+        Err(_) => Err(ApiError::request_timeout()),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ApiError::payload_too_large(MAX_BODY_BYTES))
+        }
+        Ok(Err(_)) => Err(ApiError::invalid_request(
+            "the request body could not be read",
+        )),
+    }
+}
+
+/// Parses a JSON body; the error names the offending field.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        bytes
+    };
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        if path == "." || path.is_empty() {
+            ApiError::invalid_request(format!("invalid JSON body: {inner}"))
+        } else {
+            ApiError::invalid_request(format!("invalid field `{path}`: {inner}"))
+        }
+    })?;
+    de.end()
+        .map_err(|e| ApiError::invalid_request(format!("invalid JSON body: {e}")))?;
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::promotions::PromotionInput;
+
+    #[test]
+    fn ids_are_positive_integers() {
+        assert_eq!(parse_id("7").unwrap(), 7);
+        for bad in [
+            "",
+            "0",
+            "-1",
+            "abc",
+            "1.5",
+            "99999999999999999999",
+            " 1",
+            "1e3",
+        ] {
+            assert_eq!(parse_id(bad).unwrap_err().code, "invalid_id", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn json_errors_name_the_field() {
+        let err = parse_json::<PromotionInput>(br#"{"stock": "many"}"#).unwrap_err();
+        assert!(err.message.contains("stock"), "{}", err.message);
+        let err = parse_json::<PromotionInput>(br#"{"stok": 1}"#).unwrap_err();
+        assert!(err.message.contains("stok"), "{}", err.message);
+        let err = parse_json::<PromotionInput>(b"{not json").unwrap_err();
+        assert_eq!(err.code, "invalid_request");
+        assert!(parse_json::<PromotionInput>(b"").is_ok());
+    }
+}

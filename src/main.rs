@@ -1,0 +1,239 @@
+//! The `seckill` binary: parses the command line, reads the settings, starts
+//! telemetry, and runs the chosen command. Everything else is in the library.
+
+use std::io::Write as _;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use seckill::app::{self, App, Role};
+use seckill::auth::Auth;
+use seckill::config::Settings;
+use seckill::recovery;
+use seckill::stock::Keys;
+
+#[derive(Parser)]
+#[command(name = "seckill", version, about = "A flash-sale gateway")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway, with the order workers in the same process.
+    Serve {
+        /// Run the gateway alone (workers run elsewhere with `seckill worker`).
+        #[arg(long)]
+        no_workers: bool,
+    },
+    /// Run order workers only.
+    Worker,
+    /// Apply the migrations and exit.
+    Migrate,
+    /// Print a user JWT signed with SECKILL_JWT_SECRET.
+    Token {
+        #[arg(long)]
+        user: i64,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
+    /// Print `user_id,token` lines for many users (CSV for load tests).
+    Tokens {
+        /// How many users.
+        #[arg(long)]
+        users: u32,
+        /// The first user id.
+        #[arg(long, default_value_t = 1)]
+        first: i64,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+        /// Print a `user_id,token` header line first.
+        #[arg(long)]
+        header: bool,
+    },
+    /// Print each Lua script's name, SHA and KEYS/ARGV contract.
+    Scripts,
+    /// Compare Redis and PostgreSQL for each promotion; exit 1 on drift.
+    Reconcile {
+        #[arg(long)]
+        promotion: Option<i64>,
+    },
+    /// Rebuild a promotion's Redis state from PostgreSQL when Redis lost it.
+    Recover {
+        #[arg(long)]
+        promotion: Option<i64>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::from_env() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("seckill: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    seckill::telemetry::init_tracing(settings.log_format);
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if settings.threads > 0 {
+        runtime.worker_threads(settings.threads);
+    }
+    let runtime = match runtime.enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("seckill: failed to start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli.command, settings)) {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "seckill failed");
+            eprintln!("seckill: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Serve { no_workers } => {
+            warn_insecure(&settings);
+            let role = if no_workers {
+                Role::GatewayOnly
+            } else {
+                Role::Serve
+            };
+            App::build(settings, role)
+                .await?
+                .run_until_stopped(shutdown_signal())
+                .await?;
+        }
+        Command::Worker => {
+            App::build(settings, Role::WorkersOnly)
+                .await?
+                .run_until_stopped(shutdown_signal())
+                .await?;
+        }
+        Command::Migrate => {
+            let db = app::connect_db(&settings).await?;
+            app::migrate(&db).await?;
+            println!("migrations applied");
+        }
+        Command::Token { user, ttl } => {
+            anyhow::ensure!(user > 0, "--user must be a positive integer");
+            if !settings.insecure_secrets().is_empty() {
+                eprintln!("warning: signing with the development SECKILL_JWT_SECRET");
+            }
+            let token = Auth::new(&settings.jwt_secret, &settings.admin_token).mint(user, ttl)?;
+            println!("{token}");
+        }
+        Command::Tokens {
+            users,
+            first,
+            ttl,
+            header,
+        } => {
+            anyhow::ensure!(first > 0, "--first must be a positive integer");
+            let auth = Auth::new(&settings.jwt_secret, &settings.admin_token);
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            if header {
+                writeln!(out, "user_id,token")?;
+            }
+            for user in first..first + i64::from(users) {
+                writeln!(out, "{user},{}", auth.mint(user, ttl)?)?;
+            }
+            out.flush()?;
+        }
+        Command::Scripts => {
+            if let Some(dir) = &settings.lua_dir {
+                seckill::stock::lua::use_dir(dir)?;
+            }
+            for lua in seckill::stock::lua::all() {
+                println!(
+                    "== {}  sha1 {}  ({})",
+                    lua.name,
+                    lua.script.get_hash(),
+                    lua.origin
+                );
+                println!("{}\n", lua.contract());
+            }
+        }
+        Command::Reconcile { promotion } => {
+            let (db, redis, keys) = stores(&settings).await?;
+            let rows = recovery::reconcile(&db, &redis, &keys, promotion, true).await?;
+            print!("{}", recovery::table(&rows));
+            if rows.iter().any(|r| r.drift != 0) {
+                println!("drift found");
+                return Ok(ExitCode::FAILURE);
+            }
+            println!("no drift");
+        }
+        Command::Recover { promotion } => {
+            let (db, redis, keys) = stores(&settings).await?;
+            let rows = recovery::recover(&db, &redis, &keys, promotion).await?;
+            println!(
+                "{:>10} {:>9} {:>10} {:>10} {:>9}",
+                "promotion", "rebuilt", "remaining", "sold", "returned"
+            );
+            for r in rows {
+                println!(
+                    "{:>10} {:>9} {:>10} {:>10} {:>9}",
+                    r.promotion_id,
+                    if r.rebuilt { "yes" } else { "no" },
+                    r.remaining,
+                    r.sold,
+                    r.returned
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// PostgreSQL (migrated), Redis and the key names, for the ops commands.
+async fn stores(
+    settings: &Settings,
+) -> anyhow::Result<(sqlx::PgPool, redis::aio::ConnectionManager, Keys)> {
+    let db = app::connect_db(settings).await?;
+    app::migrate(&db).await?;
+    let redis = app::connect_redis(&settings.redis_url, std::time::Duration::from_secs(10)).await?;
+    Ok((db, redis, Keys::new(settings.key_prefix.clone())))
+}
+
+fn warn_insecure(settings: &Settings) {
+    for var in settings.insecure_secrets() {
+        tracing::warn!(
+            "!!! {var} is not set: using a development value. Never run a real sale like this. !!!"
+        );
+    }
+}
+
+/// Completes on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("failed to install the SIGTERM handler")
+        {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "no SIGTERM handler");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!("shutdown signal received");
+}

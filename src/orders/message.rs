@@ -1,0 +1,80 @@
+//! The order message the purchase script appends to a promotion's stream.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use redis::Value;
+
+/// One order, as written by `lua/purchase.lua`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrderMessage {
+    pub order_id: String,
+    pub promotion_id: i64,
+    pub user_id: i64,
+    /// The buyer's n-th unit of this promotion, from 1.
+    pub seq: i64,
+    pub price_cents: i64,
+    pub created_at: DateTime<Utc>,
+}
+
+impl OrderMessage {
+    /// Parses a stream entry's fields; `None` when a field is missing or malformed.
+    pub fn from_fields(fields: &HashMap<String, Value>) -> Option<OrderMessage> {
+        let text = |name: &str| -> Option<String> {
+            match fields.get(name)? {
+                Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+                Value::SimpleString(s) => Some(s.clone()),
+                Value::Int(i) => Some(i.to_string()),
+                _ => None,
+            }
+        };
+        let int = |name: &str| text(name)?.parse::<i64>().ok();
+        let order_id = text("order_id").filter(|s| !s.is_empty())?;
+        Some(OrderMessage {
+            order_id,
+            promotion_id: int("promotion_id")?,
+            user_id: int("user_id")?,
+            seq: int("seq")?,
+            price_cents: int("price_cents")?,
+            created_at: DateTime::from_timestamp_millis(int("created_ms")?)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bulk(s: &str) -> Value {
+        Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    #[test]
+    fn parses_what_the_script_writes() {
+        let fields: HashMap<String, Value> = [
+            ("order_id", bulk("abc")),
+            ("promotion_id", bulk("7")),
+            ("user_id", bulk("42")),
+            ("seq", bulk("1")),
+            ("price_cents", bulk("99900")),
+            ("created_ms", bulk("1700000000000")),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let m = OrderMessage::from_fields(&fields).unwrap();
+        assert_eq!((m.promotion_id, m.user_id, m.seq), (7, 42, 1));
+        assert_eq!(m.created_at.timestamp_millis(), 1_700_000_000_000);
+    }
+
+    #[test]
+    fn rejects_a_malformed_entry() {
+        let fields: HashMap<String, Value> = [
+            ("order_id".to_string(), bulk("abc")),
+            ("user_id".to_string(), bulk("x")),
+        ]
+        .into_iter()
+        .collect();
+        assert!(OrderMessage::from_fields(&fields).is_none());
+    }
+}

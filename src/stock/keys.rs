@@ -1,0 +1,104 @@
+//! Every Redis key name, built in one place from the deployment's prefix.
+//!
+//! All keys of one promotion share the hash tag `{P:p:ID}`, so one Lua script
+//! may touch them all and the layout already fits Redis Cluster.
+
+/// Key names under one prefix (`SECKILL_KEY_PREFIX`).
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+/// The keys of one promotion, in the order the scripts take them.
+#[derive(Debug, Clone)]
+pub struct PromotionKeys {
+    /// Hash: window, limit, price, initial stock, `sold`, `returned`.
+    pub meta: String,
+    /// String: units left on sale.
+    pub stock: String,
+    /// Hash: user id → units bought.
+    pub buyers: String,
+    /// Stream: order messages for the workers.
+    pub orders: String,
+    /// Hash: user id → order id of the buyer's latest purchase.
+    pub results: String,
+    /// Set: ids of the orders whose unit came back (cancelled or expired).
+    pub returned: String,
+    /// Hash: user id → 1 for each buyer admitted with a token.
+    pub tokens: String,
+    tag: String,
+}
+
+impl Keys {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Keys {
+            prefix: prefix.into(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The keys of promotion `id`.
+    pub fn promotion(&self, id: i64) -> PromotionKeys {
+        let tag = format!("{{{}:p:{id}}}", self.prefix);
+        PromotionKeys {
+            meta: format!("{tag}:meta"),
+            stock: format!("{tag}:stock"),
+            buyers: format!("{tag}:buyers"),
+            orders: format!("{tag}:orders"),
+            results: format!("{tag}:results"),
+            returned: format!("{tag}:returned"),
+            tokens: format!("{tag}:tokens"),
+            tag,
+        }
+    }
+
+    /// String: a captcha challenge of promotion `id` (expires with it).
+    pub fn captcha(&self, id: i64, challenge: &str) -> String {
+        format!("{}:captcha:{challenge}", self.promotion(id).tag)
+    }
+
+    /// Set of the ids of promotions whose streams the workers read.
+    pub fn live_promotions(&self) -> String {
+        format!("{}:promotions", self.prefix)
+    }
+
+    /// Pub/sub channel on which a promotion id is published when its stock
+    /// came back or it was edited: every gateway drops its cached view of it.
+    pub fn events(&self) -> String {
+        format!("{}:events", self.prefix)
+    }
+
+    /// Stream of order messages that could not be parsed, kept for a person.
+    pub fn dead_letters(&self) -> String {
+        format!("{}:deadletter", self.prefix)
+    }
+
+    /// The consumer group every order worker joins.
+    pub fn consumer_group(&self) -> &'static str {
+        "order-workers"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn promotion_keys_share_one_hash_tag() {
+        let k = Keys::new("sk").promotion(7);
+        for key in [
+            &k.meta,
+            &k.stock,
+            &k.buyers,
+            &k.orders,
+            &k.results,
+            &k.returned,
+        ] {
+            assert!(key.starts_with("{sk:p:7}:"), "{key}");
+        }
+        assert_eq!(k.stock, "{sk:p:7}:stock");
+    }
+}

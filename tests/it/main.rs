@@ -1,0 +1,19 @@
+//! The integration suite: one binary, every test against real Redis and real
+//! PostgreSQL. Each test spawns its own gateway on port 0 with its own Redis
+//! key prefix and its own database, so tests run in parallel.
+
+mod helpers;
+mod procs;
+
+mod admin;
+mod compose;
+mod faults;
+mod fuzz;
+mod input;
+mod lifecycle;
+mod nginx;
+mod ops;
+mod protection;
+mod purchase;
+mod shutdown;
+mod workers;
