@@ -1,0 +1,379 @@
+#!/usr/bin/env bash
+# loadtest/bench.sh — the performance benchmark, all on this machine, each
+# figure printed beside its target.
+#
+#   loadtest/bench.sh          about 3–5 minutes with the defaults
+#
+# What it measures, in order:
+#   1. redis-benchmark: EVALSHA of lua/purchase.lua (distinct buyers through
+#      __rand_int__, 50 clients, no pipelining) on a scratch promotion: the
+#      ceiling one Redis puts on purchases.
+#   2. the gateway (`seckill serve --no-workers`, its own key prefix and
+#      database): purchases/s with a large stock (wrk, every request a distinct
+#      buyer's JWT from `seckill tokens`), with p50/p99; first a short sweep
+#      over connection counts; ratio to (1), target >= 0.6 (goal 1.0).
+#   3. GET /health req/s, and sold-out rejections/s of a promotion whose one
+#      unit is gone (distinct buyers again), same wrk settings; ratio target >= 0.9.
+#   4. the gateway's peak RSS (VmHWM) after BENCH_RSS_BUYERS distinct buyers in
+#      all (the rest of them on the sold-out path, the cheapest), target <= 150 MB.
+#   5. workers: the stream of (2) (every order sold there, hundreds of
+#      thousands) is drained by a fresh `seckill worker`; orders/s ÷ the rows/s of
+#      a psql \copy of as many rows into the same orders table; target >= 0.5.
+#   6. `cargo run --release --example limiter_memory` (the limiters at 1M keys).
+#
+# Environment:
+#   BENCH_SECONDS        length of each wrk measurement                [15]
+#   BENCH_CONNECTIONS    wrk connections (one wrk thread)               [50]
+#   BENCH_SWEEP          connection counts of the sweep, "" to skip    ["16 32 50 64 128"]
+#   BENCH_SWEEP_SECONDS  length of each sweep point                      [3]
+#   BENCH_RSS_BUYERS     distinct buyers sent in all before reading VmHWM [1000000]
+#   BENCH_REDIS_REQUESTS redis-benchmark calls                        [300000]
+#   BENCH_STRICT         1: exit 1 when a target is missed              [0]
+#   SECKILL_THREADS      gateway tokio threads                            [1]
+#   SECKILL_RATE_USER    per-user limit [5, the production default: each buyer
+#                        sends one request, so it refuses none, but its per-user
+#                        state is part of the RSS figure]; SECKILL_RATE_IP and
+#                        SECKILL_RATE_GLOBAL are 0 (off): every request comes
+#                        from 127.0.0.1 and the global ceiling is what we measure.
+#   SECKILL_REDIS_URL, LT_PG_SERVER as for loadtest/run.sh.
+# Installs wrk (apt), curl, jq, redis-tools, postgresql-client when missing.
+# Exit status 1 when a step fails (an unexpected status, the drain not
+# finishing), or with BENCH_STRICT=1 when a target is missed.
+
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export SECKILL_RATE_USER=${SECKILL_RATE_USER:-5}
+export SECKILL_RATE_IP=${SECKILL_RATE_IP:-0}
+export SECKILL_RATE_GLOBAL=${SECKILL_RATE_GLOBAL:-0}
+# shellcheck source=loadtest/lib.sh
+source loadtest/lib.sh
+
+SECONDS_EACH=${BENCH_SECONDS:-15}
+CONNS=${BENCH_CONNECTIONS:-50}
+SWEEP=${BENCH_SWEEP-16 32 50 64 128}
+SWEEP_SECONDS=${BENCH_SWEEP_SECONDS:-3}
+RSS_BUYERS=${BENCH_RSS_BUYERS:-1000000}
+REDIS_REQUESTS=${BENCH_REDIS_REQUESTS:-300000}
+STRICT=${BENCH_STRICT:-0}
+# A buyer through the gateway costs well under 0.1 ms here; tokens are sized
+# for this rate, and a run that outpaces them stops early and says so.
+TOKEN_RATE=${BENCH_TOKEN_RATE:-60000}
+
+case ${1:-} in
+-h | --help)
+	sed -n '2,/^$/s/^# \{0,1\}//p' "$0"
+	exit 0
+	;;
+"") ;;
+*) lt_die "unknown argument $1 (try --help)" ;;
+esac
+
+RB_PREFIX=${LT_PREFIX}rb
+on_exit() {
+	local rc=$?
+	trap - EXIT INT TERM
+	lt_stop_all
+	lt_redis --scan --pattern "{$RB_PREFIX:*" 2>/dev/null |
+		xargs -r -n 500 redis-cli -u "$LT_REDIS_URL" --no-auth-warning UNLINK >/dev/null 2>&1 || true
+	lt_cleanup_scratch
+	if ((rc == 0)); then rm -rf "$LT_DIR"; else lt_log "logs kept in $LT_DIR"; fi
+	exit "$rc"
+}
+trap on_exit EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+REPORT=$LT_DIR/report.txt
+: >"$REPORT"
+say() { printf '%s\n' "$*" | tee -a "$REPORT"; }
+row() { printf '  %-46s %-28s %s\n' "$1" "$2" "${3:-}" | tee -a "$REPORT"; }
+missed=0
+# judge VALUE OP TARGET: sets JUDGED to "ok" or "MISSED" (and counts misses).
+JUDGED=
+judge() {
+	if awk -v v="$1" -v t="$3" -v op="$2" 'BEGIN { exit !((op == ">=") ? v >= t : v <= t) }'; then
+		JUDGED=ok
+	else
+		missed=$((missed + 1))
+		JUDGED=MISSED
+	fi
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "0" }'; }
+fmt() { awk -v v="$1" 'BEGIN { printf "%.0f", v }'; }
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
+
+lt_setup_path
+lt_deps
+lt_ensure_tools curl jq psql redis-cli redis-benchmark wrk
+lt_build
+
+# tokens NAME FIRST COUNT: a CSV of COUNT buyers' JWTs, user ids FIRST...
+tokens() {
+	lt_env "$LT_BIN" tokens --users "$3" --first "$2" >"$LT_DIR/$1.csv"
+	printf '%s\n' "$LT_DIR/$1.csv"
+}
+next_user=1
+# wrk_run NAME SECONDS CONNS METHOD PATH TOKENS|- [wrk options]: wrk's output in
+# $LT_DIR/NAME.wrk, the gateway's /metrics before and after in NAME.pre/.post.
+wrk_run() {
+	local name=$1 secs=$2 conns=$3 method=$4 path=$5 file=$6
+	shift 6
+	curl -sf "$LT_URL/metrics" >"$LT_DIR/$name.pre" || lt_die "GET /metrics failed"
+	wrk -t1 -c"$conns" -d"${secs}s" --timeout 10s "$@" -s loadtest/wrk/tokens.lua "$LT_URL" \
+		-- "$method" "$path" "$file" 1 >"$LT_DIR/$name.wrk" 2>&1 ||
+		lt_die "wrk failed: $(tail -n 5 "$LT_DIR/$name.wrk")"
+	curl -sf "$LT_URL/metrics" >"$LT_DIR/$name.post" || lt_die "GET /metrics failed"
+}
+# w NAME FIELD: requests | secs | rps | p50 | p90 | p99 | p999 (latencies in ms, wrk's)
+w() {
+	local f=$LT_DIR/$1.wrk
+	case $2 in
+	requests) awk '$1 == "requests" { print $2 }' "$f" ;;
+	secs) awk '$1 == "requests" { printf "%.3f", $4 / 1e6 }' "$f" ;;
+	rps) awk '$1 == "requests" { printf "%.0f", $2 / ($4 / 1e6) }' "$f" ;;
+	p50) awk '$1 == "latency_us" { printf "%.2f", $2 / 1000 }' "$f" ;;
+	p90) awk '$1 == "latency_us" { printf "%.2f", $3 / 1000 }' "$f" ;;
+	p99) awk '$1 == "latency_us" { printf "%.2f", $4 / 1000 }' "$f" ;;
+	p999) awk '$1 == "latency_us" { printf "%.2f", $5 / 1000 }' "$f" ;;
+	esac
+}
+# answers NAME ROUTE: "status count" lines the gateway counted during the run
+# (seckill_http_requests_total, after minus before).
+answers() {
+	awk -v r="route=\"$2\"" '
+		FNR == 1 { file++ }
+		/^seckill_http_requests_total\{/ && index($0, r) {
+			match($0, /status="[0-9]+"/); code = substr($0, RSTART + 8, RLENGTH - 9)
+			if (file == 1) before[code] = $NF; else after[code] = $NF }
+		END { for (c in after) if (after[c] - before[c] > 0) print c, after[c] - before[c] }' \
+		"$LT_DIR/$1.pre" "$LT_DIR/$1.post" | sort -n
+}
+# count NAME ROUTE CODE: answers with that status
+count() { answers "$1" "$2" | awk -v c="$3" '$1 == c { n = $2 } END { print n + 0 }'; }
+# rate NAME ROUTE CODE: answers with that status per second of the wrk run
+rate() { awk -v n="$(count "$1" "$2" "$3")" -v s="$(w "$1" secs)" 'BEGIN { printf "%.0f", n / s }'; }
+# shown NAME ROUTE: "200:12345 410:3" for the report
+shown() { answers "$1" "$2" | awk '{ printf "%s:%s ", $1, $2 }'; }
+# unexpected NAME ROUTE CODE: answers with any other status, plus wrk's socket
+# errors (connect, read, write, timeout)
+unexpected() {
+	local other
+	other=$(answers "$1" "$2" | awk -v c="$3" '$1 != c { n += $2 } END { print n + 0 }')
+	awk -v o="$other" '$1 == "requests" { n = $6 + $7 + $8 + $10 } END { print o + n }' "$LT_DIR/$1.wrk"
+}
+failures=0
+
+say ""
+say "================ seckill benchmark ================"
+say "machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), $(free -g | awk '/^Mem:/ { print $2 }') GiB; client, gateway, Redis and PostgreSQL share it"
+say "redis $(lt_redis INFO server | awk -F: '/^redis_version/ { print $2 }' | tr -d '\r'), appendonly $(lt_redis CONFIG GET appendonly | tail -n1); $(psql -w -X -At -d "$LT_PG_SERVER/postgres" -c 'SHOW server_version' 2>/dev/null | sed 's/^/PostgreSQL /')"
+say "gateway: SECKILL_THREADS=${SECKILL_THREADS:-1}, rate limits user=$SECKILL_RATE_USER/s ip=$SECKILL_RATE_IP global=$SECKILL_RATE_GLOBAL (0 = off); wrk: 1 thread, $CONNS connections, ${SECONDS_EACH}s"
+say ""
+
+# --- 1. redis-benchmark: the script alone ---------------------------------------------
+lt_log "1/6 redis-benchmark EVALSHA purchase.lua, $REDIS_REQUESTS calls, 50 clients"
+sha=$(lt_redis SCRIPT LOAD "$(cat lua/purchase.lua)")
+rb="{$RB_PREFIX:p:1}"
+now_ms=$(date +%s%3N)
+lt_redis HSET "$rb:meta" id 1 starts_ms $((now_ms - 60000)) ends_ms $((now_ms + 3600000)) \
+	limit 1 price_cents 99900 stock 100000000 sold 0 returned 0 \
+	require_token 0 require_captcha 0 >/dev/null
+lt_redis SET "$rb:stock" 100000000 >/dev/null
+rb_host=$(sed -E 's#^[a-z]+://([^@/]*@)?([^:/]+).*#\2#' <<<"$LT_REDIS_URL")
+rb_port=$(sed -nE 's#^[a-z]+://([^@/]*@)?[^:/]+:([0-9]+).*#\2#p' <<<"$LT_REDIS_URL")
+redis-benchmark -h "$rb_host" -p "${rb_port:-6379}" -n "$REDIS_REQUESTS" -c 50 -r 100000000 \
+	EVALSHA "$sha" 5 "$rb:meta" "$rb:stock" "$rb:buyers" "$rb:orders" "$rb:results" \
+	1 __rand_int__ o-__rand_int__ >"$LT_DIR/redis-benchmark.txt" 2>&1 ||
+	lt_die "redis-benchmark failed: $(tail -n 5 "$LT_DIR/redis-benchmark.txt")"
+rb_rps=$(awk '/throughput summary/ { print $3 }' "$LT_DIR/redis-benchmark.txt")
+read -r rb_p50 rb_p99 < <(awk '/latency summary/ { getline; getline; print $3, $5 }' "$LT_DIR/redis-benchmark.txt")
+rb_sold=$(lt_redis HGET "$rb:meta" sold)
+# A repeated random user id is a 409, not a sale: count sales only.
+rb_purchases=$(awk -v r="$rb_rps" -v s="$rb_sold" -v n="$REDIS_REQUESTS" 'BEGIN { printf "%.0f", r * s / n }')
+lt_redis UNLINK "$rb:meta" "$rb:stock" "$rb:buyers" "$rb:orders" "$rb:results" >/dev/null
+say "1. Redis alone: redis-benchmark EVALSHA purchase.lua (5 keys, one buyer per call, +XADD)"
+row "calls/s (50 clients, no pipelining)" "$(fmt "$rb_rps")" "p50 ${rb_p50} ms, p99 ${rb_p99} ms"
+row "purchases/s (calls that sold: $rb_sold of $REDIS_REQUESTS)" "$rb_purchases"
+
+# --- 2. the gateway: purchases --------------------------------------------------------------
+lt_start_gateway gw serve --no-workers
+gw_pid=$(lt_pid gw)
+read -r rss_start _ < <(lt_rss_mib "$gw_pid")
+big=$(lt_create_promotion "bench: large stock" 100000000)
+soldout=$(lt_create_promotion "bench: one unit" 1)
+buyers_sent=0
+
+say ""
+say "2. Gateway purchases (promotion $big, stock 100,000,000, per-user limit 1, distinct buyers)"
+if [[ -n $SWEEP ]]; then
+	lt_log "2/6 connection sweep: $SWEEP (${SWEEP_SECONDS}s each)"
+	sweep_line=
+	for c in $SWEEP; do
+		n=$((SWEEP_SECONDS * TOKEN_RATE))
+		file=$(tokens "sweep$c" "$next_user" "$n")
+		next_user=$((next_user + n))
+		wrk_run "sweep$c" "$SWEEP_SECONDS" "$c" POST "/api/promotions/$big/purchase" "$file"
+		buyers_sent=$((buyers_sent + $(w "sweep$c" requests)))
+		rm -f "$file"
+		(($(w "sweep$c" requests) < n)) || lt_log "warning: sweep c=$c used up its $n buyers"
+		sweep_line+="c=$c: $(rate "sweep$c" purchase 200)/s (p99 $(w "sweep$c" p99) ms)  "
+		failures=$((failures + $(unexpected "sweep$c" purchase 200)))
+	done
+	row "sweep, purchases/s by wrk connections" "" ""
+	say "    $sweep_line"
+fi
+
+lt_log "2/6 purchases: ${SECONDS_EACH}s, $CONNS connections"
+n=$((SECONDS_EACH * TOKEN_RATE))
+file=$(tokens buy "$next_user" "$n")
+next_user=$((next_user + n))
+sold_before=$(lt_stats "$big" | jq -r .stats.sold)
+wrk_run buy "$SECONDS_EACH" "$CONNS" POST "/api/promotions/$big/purchase" "$file" --latency
+rm -f "$file"
+buyers_sent=$((buyers_sent + $(w buy requests)))
+(($(w buy requests) < SECONDS_EACH * TOKEN_RATE)) ||
+	lt_log "warning: the purchase run used up its $((SECONDS_EACH * TOKEN_RATE)) buyers; raise BENCH_TOKEN_RATE"
+sold_after=$(lt_stats "$big" | jq -r .stats.sold)
+buy_rps=$(rate buy purchase 200)
+buy_bad=$(unexpected buy purchase 200)
+failures=$((failures + buy_bad))
+r1=$(ratio "$buy_rps" "$rb_purchases")
+row "purchases/s (200s / wrk run time)" "$buy_rps" "$(w buy requests) requests in $(w buy secs)s; Redis sold +$((sold_after - sold_before)); answers $(shown buy purchase)"
+row "purchase latency under that load" "p50 $(w buy p50) ms, p99 $(w buy p99) ms" "p90 $(w buy p90) ms, p99.9 $(w buy p999) ms (wrk)"
+judge "$r1" '>=' 0.6
+row "RATIO gateway / redis-benchmark purchases/s" "$r1" "target >= 0.6 (goal 1.0): $JUDGED"
+
+# --- 3. /health and sold-out ---------------------------------------------------------------------
+say ""
+say "3. Sold-out rejections vs GET /health (same gateway, same wrk settings)"
+lt_log "3/6 GET /health: ${SECONDS_EACH}s"
+wrk_run health "$SECONDS_EACH" "$CONNS" GET /health -
+health_rps=$(rate health health 200)
+failures=$((failures + $(unexpected health health 200)))
+row "GET /health req/s" "$health_rps" "p50 $(w health p50) ms, p99 $(w health p99) ms"
+
+lt_log "3/6 sold-out: ${SECONDS_EACH}s"
+first_buyer=$(lt_env "$LT_BIN" token --user "$next_user")
+next_user=$((next_user + 1))
+buyers_sent=$((buyers_sent + 1))
+code=$(curl -s -o /dev/null -w '%{http_code}' -X POST "$LT_URL/api/promotions/$soldout/purchase" \
+	-H "Authorization: Bearer $first_buyer" -H 'Content-Type: application/json' -d '{}')
+[[ $code == 200 ]] || lt_die "the one unit of promotion $soldout was not sold: $code"
+# A rejection costs less than a purchase: size the tokens by the /health rate.
+n=$(awk -v s="$SECONDS_EACH" -v h="$health_rps" -v t="$TOKEN_RATE" \
+	'BEGIN { r = h * 1.1; if (r < t) r = t; printf "%d", s * r }')
+file=$(tokens soldout "$next_user" "$n")
+next_user=$((next_user + n))
+wrk_run soldout "$SECONDS_EACH" "$CONNS" POST "/api/promotions/$soldout/purchase" "$file" --latency
+rm -f "$file"
+buyers_sent=$((buyers_sent + $(w soldout requests)))
+(($(w soldout requests) < n)) || lt_log "warning: the sold-out run used up its $n buyers; raise BENCH_TOKEN_RATE"
+soldout_rps=$(rate soldout purchase 410)
+soldout_bad=$(unexpected soldout purchase 410)
+failures=$((failures + soldout_bad))
+r2=$(ratio "$soldout_rps" "$health_rps")
+row "sold-out (410) rejections/s" "$soldout_rps" "p50 $(w soldout p50) ms, p99 $(w soldout p99) ms; answers $(shown soldout purchase)"
+judge "$r2" '>=' 0.9
+row "RATIO sold-out / health" "$r2" "target >= 0.9: $JUDGED"
+
+# --- 4. memory after many distinct buyers -----------------------------------------------------------
+say ""
+say "4. Gateway memory"
+if ((buyers_sent < RSS_BUYERS)); then
+	n=$((RSS_BUYERS - buyers_sent))
+	lt_log "4/6 $n more distinct buyers on the sold-out path (to $RSS_BUYERS in all)"
+	file=$(tokens rss "$next_user" "$n")
+	next_user=$((next_user + n))
+	# wrk's thread stops when the file's buyers are used up, but wrk itself
+	# waits out its -d: size it from the sold-out rate measured above.
+	secs=$(awk -v n="$n" -v r="$soldout_rps" 'BEGIN { r = (r > 1000) ? r : 1000; printf "%d", n / r * 1.2 + 3 }')
+	wrk_run rss "$secs" "$CONNS" POST "/api/promotions/$soldout/purchase" "$file"
+	rm -f "$file"
+	buyers_sent=$((buyers_sent + $(w rss requests)))
+	failures=$((failures + $(unexpected rss purchase 410)))
+fi
+read -r rss_peak rss_now < <(lt_rss_mib "$gw_pid")
+rss_mb=$(awk -v m="$rss_peak" 'BEGIN { printf "%.1f", m * 1.048576 }')
+judge "$rss_mb" '<=' 150
+row "gateway peak RSS (VmHWM)" "${rss_peak} MiB = ${rss_mb} MB" "after $buyers_sent distinct buyers; target <= 150 MB: $JUDGED"
+row "  at start / now" "${rss_start} MiB / ${rss_now} MiB" "per-user limiter ${SECKILL_RATE_USER}/s on; its keys are pruned every 10 s"
+
+# --- 5. workers vs COPY ------------------------------------------------------------------------------
+say ""
+say "5. Workers draining a full stream vs COPY into the same table"
+stream="{$LT_PREFIX:p:$big}:orders"
+backlog=$(lt_redis XLEN "$stream")
+sold_big=$(lt_stats "$big" | jq -r .stats.sold)
+lt_log "5/6 COPY of $backlog rows, then the workers drain $backlog orders"
+# COPY first, into the same orders table (another promotion, other ids), so
+# the workers meet the larger table: if anything, that favours COPY.
+copy_promo=$(lt_create_promotion "bench: copy target" 100000000)
+# created_at now: older rows would be expired by the payment-timeout sweeper.
+awk -v n="$backlog" -v p="$copy_promo" -v ts="$(date -u +%Y-%m-%dT%H:%M:%SZ)" 'BEGIN {
+	for (i = 1; i <= n; i++)
+		printf "00000000-0000-7000-8000-%012d,%d,%d,1,99900,%s\n", i, p, i, ts }' \
+	>"$LT_DIR/copy.csv"
+t0=$(now)
+lt_psql -c "\\copy orders (order_id, promotion_id, user_id, seq, price_cents, created_at) FROM '$LT_DIR/copy.csv' WITH (FORMAT csv)"
+t1=$(now)
+rm -f "$LT_DIR/copy.csv"
+copy_s=$(elapsed "$t0" "$t1")
+copy_rps=$(awk -v n="$backlog" -v s="$copy_s" 'BEGIN { printf "%.0f", n / s }')
+
+t0=$(now)
+lt_start_worker worker
+drain_rc=0
+deadline=$(awk -v t="$t0" 'BEGIN { printf "%.3f", t + 600 }')
+while :; do
+	left=$(lt_redis XLEN "$stream")
+	[[ $left == 0 ]] && break
+	if awk -v d="$deadline" -v t="$(now)" 'BEGIN { exit !(t > d) }'; then
+		drain_rc=1
+		break
+	fi
+	kill -0 "$(lt_pid worker)" 2>/dev/null || {
+		drain_rc=1
+		break
+	}
+	sleep 0.02
+done
+t1=$(now)
+persisted=$(lt_psql -c "SELECT count(*) FROM orders WHERE promotion_id = $big")
+# When the workers were up: the first "order worker started" line.
+ready=$(grep -m1 'order worker started' "$LT_DIR/worker.log" | jq -r .timestamp 2>/dev/null || true)
+ready_s=$t0
+[[ -n $ready ]] && ready_s=$(date -d "$ready" +%s.%N)
+drain_wall=$(elapsed "$t0" "$t1")
+drain_s=$(elapsed "$ready_s" "$t1")
+drain_rps=$(awk -v n="$persisted" -v s="$drain_s" 'BEGIN { printf "%.0f", n / s }')
+lt_stop worker
+if ((drain_rc != 0 || persisted != sold_big)); then
+	failures=$((failures + 1))
+	lt_log "drain incomplete: persisted $persisted of $sold_big (stream left: $left)"
+fi
+r3=$(ratio "$drain_rps" "$copy_rps")
+row "psql \\copy of $backlog rows" "$copy_rps rows/s" "${copy_s}s"
+row "workers: $persisted of $sold_big orders persisted" "$drain_rps orders/s" "${drain_s}s from the workers' start (${drain_wall}s with process start-up); SECKILL_WORKERS=${SECKILL_WORKERS:-2}, batch ${SECKILL_WORKER_BATCH:-500}"
+judge "$r3" '>=' 0.5
+row "RATIO workers / COPY" "$r3" "target >= 0.5: $JUDGED"
+
+# --- 6. the limiter memory example ---------------------------------------------------------------------
+say ""
+say "6. cargo run --release --example limiter_memory"
+lt_log "6/6 limiter_memory example"
+if (cd "$LT_ROOT" && cargo run --release --quiet --example limiter_memory) >"$LT_DIR/limiter.txt" 2>&1; then
+	sed 's/^/    /' "$LT_DIR/limiter.txt" | tee -a "$REPORT"
+else
+	failures=$((failures + 1))
+	sed 's/^/    /' "$LT_DIR/limiter.txt" | tail -n 20 | tee -a "$REPORT"
+fi
+
+say ""
+say "targets missed: $missed; failures (unexpected answers, socket errors, incomplete drain): $failures"
+say "==================================================="
+if ((failures > 0 || (STRICT && missed > 0))); then
+	echo "RESULT: FAIL"
+	exit 1
+fi
+echo "RESULT: DONE"
