@@ -354,7 +354,7 @@ if ((drain_rc != 0 || persisted != sold_big)); then
 fi
 r3=$(ratio "$drain_rps" "$copy_rps")
 row "psql \\copy of $backlog rows" "$copy_rps rows/s" "${copy_s}s"
-row "workers: $persisted of $sold_big orders persisted" "$drain_rps orders/s" "${drain_s}s from the workers' start (${drain_wall}s with process start-up); SECKILL_WORKERS=${SECKILL_WORKERS:-2}, batch ${SECKILL_WORKER_BATCH:-500}"
+row "workers: $persisted of $sold_big orders persisted" "$drain_rps orders/s" "${drain_s}s from the workers' start (${drain_wall}s with process start-up); SECKILL_WORKERS=${SECKILL_WORKERS:-4}, batch ${SECKILL_WORKER_BATCH:-1000}"
 judge "$r3" '>=' 0.5
 row "RATIO workers / COPY" "$r3" "target >= 0.5: $JUDGED"
 

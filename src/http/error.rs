@@ -6,8 +6,11 @@
 //! `Retry-After` for a dependency outage or overload, 500 only for bugs, and
 //! every 5xx logged once. Internals never reach the client.
 
+use std::borrow::Cow;
+
 use hyper::StatusCode;
 use hyper::header::{CONNECTION, HeaderValue, RETRY_AFTER};
+use serde::Serialize;
 
 use super::{Response, json};
 use crate::auth::AuthError;
@@ -19,17 +22,33 @@ use crate::promotions::repo::Refusal;
 /// Seconds a client is told to wait after a `503` or `429`.
 const RETRY_AFTER_SECS: u32 = 1;
 
+/// The error body of API.md: `{"error": {"code", "message"}}`.
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorFields<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorFields<'a> {
+    code: &'a str,
+    message: &'a str,
+}
+
 /// A failed request: status, stable code, human message.
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
-    pub message: String,
+    pub message: Cow<'static, str>,
     retry_after: Option<u32>,
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(
+        status: StatusCode,
+        code: &'static str,
+        message: impl Into<Cow<'static, str>>,
+    ) -> Self {
         ApiError {
             status,
             code,
@@ -38,7 +57,7 @@ impl ApiError {
         }
     }
 
-    pub fn invalid_request(message: impl Into<String>) -> Self {
+    pub fn invalid_request(message: impl Into<Cow<'static, str>>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
     }
 
@@ -78,7 +97,7 @@ impl ApiError {
         )
     }
 
-    pub fn unavailable(message: impl Into<String>) -> Self {
+    pub fn unavailable(message: impl Into<Cow<'static, str>>) -> Self {
         ApiError {
             retry_after: Some(RETRY_AFTER_SECS),
             ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
@@ -140,7 +159,12 @@ impl ApiError {
         }
         let mut res = json(
             self.status,
-            &serde_json::json!({"error": {"code": self.code, "message": self.message}}),
+            &ErrorBody {
+                error: ErrorFields {
+                    code: self.code,
+                    message: &self.message,
+                },
+            },
         );
         if let Some(secs) = self.retry_after {
             res.headers_mut()

@@ -19,7 +19,7 @@ pub use error::ApiError;
 pub type Response = hyper::Response<Full<Bytes>>;
 
 /// A JSON response.
-pub fn json(status: StatusCode, value: &serde_json::Value) -> Response {
+pub fn json<T: serde::Serialize + ?Sized>(status: StatusCode, value: &T) -> Response {
     let body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
     let mut res = hyper::Response::new(Full::new(Bytes::from(body)));
     *res.status_mut() = status;

@@ -1,6 +1,7 @@
 //! What a handler gets, and the helpers that turn raw input into typed values
 //! or a 4xx: ids, bounded JSON bodies, credentials.
 
+use std::cell::Cell;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +12,7 @@ use hyper::body::Incoming;
 use hyper::header::{AUTHORIZATION, CONTENT_LENGTH};
 use serde::de::DeserializeOwned;
 
-use super::ApiError;
+use super::{ApiError, Response};
 use crate::app::AppState;
 use crate::config::MAX_BODY_BYTES;
 
@@ -28,9 +29,7 @@ pub struct Request {
 impl Request {
     /// The path id as a positive integer, or `400 invalid_id`.
     pub fn id(&self) -> Result<i64, ApiError> {
-        let id = parse_id(self.param.as_deref().unwrap_or(""))?;
-        tracing::Span::current().record("promotion", id);
-        Ok(id)
+        parse_id(self.param.as_deref().unwrap_or(""))
     }
 
     /// The path parameter as text (order ids are strings).
@@ -41,7 +40,9 @@ impl Request {
     /// The caller's user id from its JWT, or `401 unauthorized`.
     pub fn user(&self) -> Result<i64, ApiError> {
         let user = self.state.auth.user(self.authorization())?;
-        tracing::Span::current().record("user", user);
+        // Noted for the request span, which gets it only if the request fails
+        // (see `with_user_slot`).
+        let _ = USER.try_with(|slot| slot.set(Some(user)));
         Ok(user)
     }
 
@@ -65,6 +66,32 @@ impl Request {
         let bytes = self.bytes().await?;
         parse_json(&bytes)
     }
+}
+
+tokio::task_local! {
+    /// The user the request in hand authenticated as, once it has.
+    static USER: Cell<Option<i64>>;
+}
+
+/// Runs a handler with a slot for the user it authenticates, and puts that
+/// user into the request span when the handler fails with a 5xx (the
+/// failures that are logged). Recording a span field re-serializes all of
+/// them with the JSON log format: a cost the hot path pays only on failure.
+pub async fn with_user_slot<F>(handler: F) -> Result<Response, ApiError>
+where
+    F: Future<Output = Result<Response, ApiError>>,
+{
+    USER.scope(Cell::new(None), async move {
+        let result = handler.await;
+        if let Err(e) = &result
+            && e.status.is_server_error()
+            && let Some(user) = USER.with(Cell::get)
+        {
+            tracing::Span::current().record("user", user);
+        }
+        result
+    })
+    .await
 }
 
 /// A positive integer id, or `400 invalid_id`.

@@ -2,7 +2,9 @@
 //! route and method to its handler. Unknown paths are `404 not_found`, known
 //! paths with another method `405 method_not_allowed`.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
@@ -12,7 +14,7 @@ use hyper::header::{ALLOW, HeaderValue};
 use tracing::Instrument;
 
 use super::handlers::{admin, admission, ops, orders, public, purchase};
-use super::request::Request;
+use super::request::{self, Request};
 use super::{ApiError, Response};
 use crate::app::AppState;
 
@@ -99,15 +101,26 @@ pub async fn handle(
     let started = Instant::now();
     let (parts, body) = req.into_parts();
     let request_id = request_id(&parts.headers);
+    let found = ROUTES.at(parts.uri.path()).ok();
+    let route = found.as_ref().map(|f| *f.value);
+    let param = found.and_then(|f| f.params.get("id").map(str::to_string));
+    // Every field the router knows is set here, once: recording a field later
+    // costs a re-serialization of all of them with the JSON log format. Only
+    // `user` (known after the handler authenticates) is recorded later.
+    let (promotion, order) = match route {
+        Some(Route::OrderPay | Route::OrderCancel) => (None, param.as_deref()),
+        _ => (param.as_deref().and_then(|p| p.parse::<i64>().ok()), None),
+    };
     let span = tracing::info_span!(
         "request",
         id = %request_id,
         method = %parts.method,
-        route = tracing::field::Empty,
-        promotion = tracing::field::Empty,
+        route = route.map_or("unknown", Route::label),
+        promotion,
+        order,
         user = tracing::field::Empty,
     );
-    let mut res = dispatch(state, peer, parts, body, started)
+    let mut res = dispatch(state, peer, route, param, parts, body, started)
         .instrument(span)
         .await;
     if let Ok(v) = HeaderValue::from_str(&request_id) {
@@ -129,19 +142,18 @@ fn request_id(headers: &hyper::HeaderMap) -> String {
 async fn dispatch(
     state: Arc<AppState>,
     peer: SocketAddr,
+    route: Option<Route>,
+    param: Option<String>,
     parts: hyper::http::request::Parts,
     body: Incoming,
     started: Instant,
 ) -> Response {
-    let Ok(found) = ROUTES.at(parts.uri.path()) else {
+    let Some(route) = route else {
         return finish("unknown", started, Err(ApiError::not_found()));
     };
-    tracing::Span::current().record("route", found.value.label());
-    if state.ops_only && !matches!(found.value, Route::Health | Route::Ready | Route::Metrics) {
+    if state.ops_only && !matches!(route, Route::Health | Route::Ready | Route::Metrics) {
         return finish("unknown", started, Err(ApiError::not_found()));
     }
-    let route = *found.value;
-    let param = found.params.get("id").map(str::to_string);
     let method = parts.method.clone();
     if parts.uri.path().starts_with("/api/") {
         let ip = state.limits.client_ip(peer, &parts.headers);
@@ -156,40 +168,60 @@ async fn dispatch(
         param,
         peer,
     };
-    let result = match (route, method) {
-        (Route::Health, Method::GET) => ops::health(req).await,
-        (Route::Ready, Method::GET) => ops::ready(req).await,
-        (Route::Metrics, Method::GET) => ops::metrics(req).await,
-        (Route::AdminPromotions, Method::GET) => admin::list(req).await,
-        (Route::AdminPromotions, Method::POST) => admin::create(req).await,
-        (Route::AdminPromotion, Method::GET) => admin::get(req).await,
-        (Route::AdminPromotion, Method::PUT) => admin::update(req).await,
-        (Route::AdminPromotion, Method::DELETE) => admin::delete(req).await,
-        (Route::Promotions, Method::GET) => public::list(req).await,
-        (Route::Promotion, Method::GET) => public::get(req).await,
-        (Route::Purchase, Method::POST) => purchase::purchase(req).await,
-        (Route::PurchaseResult, Method::GET) => purchase::result(req).await,
-        (Route::Orders, Method::GET) => orders::list(req).await,
-        (Route::OrderPay, Method::POST) => orders::pay(req).await,
-        (Route::OrderCancel, Method::POST) => orders::cancel(req).await,
-        (Route::Token, Method::POST) => admission::token(req).await,
-        (Route::Captcha, Method::GET) => admission::captcha(req).await,
+    // Each handler's future is boxed: inline, the dispatch future would be as
+    // large as the largest handler's (those with Redis and PostgreSQL calls),
+    // and every move of it (into the span, the user slot, hyper) copied
+    // kilobytes per request.
+    let handler: Handler = match (route, method) {
+        (Route::Health, Method::GET) => Box::pin(ops::health(req)),
+        (Route::Ready, Method::GET) => Box::pin(ops::ready(req)),
+        (Route::Metrics, Method::GET) => Box::pin(ops::metrics(req)),
+        (Route::AdminPromotions, Method::GET) => Box::pin(admin::list(req)),
+        (Route::AdminPromotions, Method::POST) => Box::pin(admin::create(req)),
+        (Route::AdminPromotion, Method::GET) => Box::pin(admin::get(req)),
+        (Route::AdminPromotion, Method::PUT) => Box::pin(admin::update(req)),
+        (Route::AdminPromotion, Method::DELETE) => Box::pin(admin::delete(req)),
+        (Route::Promotions, Method::GET) => Box::pin(public::list(req)),
+        (Route::Promotion, Method::GET) => Box::pin(public::get(req)),
+        (Route::Purchase, Method::POST) => Box::pin(purchase::purchase(req)),
+        (Route::PurchaseResult, Method::GET) => Box::pin(purchase::result(req)),
+        (Route::Orders, Method::GET) => Box::pin(orders::list(req)),
+        (Route::OrderPay, Method::POST) => Box::pin(orders::pay(req)),
+        (Route::OrderCancel, Method::POST) => Box::pin(orders::cancel(req)),
+        (Route::Token, Method::POST) => Box::pin(admission::token(req)),
+        (Route::Captcha, Method::GET) => Box::pin(admission::captcha(req)),
         _ => {
             let mut res = ApiError::method_not_allowed().into_response();
             res.headers_mut()
                 .insert(ALLOW, HeaderValue::from_static(route.allowed()));
-            return finish(route.label(), started, Ok(res));
+            Box::pin(std::future::ready(Ok(res)))
         }
     };
+    let result = request::with_user_slot(handler).await;
     finish(route.label(), started, result)
 }
 
+/// A handler's answer, boxed (see `dispatch`).
+type Handler = Pin<Box<dyn Future<Output = Result<Response, ApiError>> + Send>>;
+
 fn finish(route: &'static str, started: Instant, result: Result<Response, ApiError>) -> Response {
     let res = result.unwrap_or_else(ApiError::into_response);
-    let status = res.status().as_u16();
-    metrics::counter!("seckill_http_requests_total", "route" => route, "status" => status.to_string())
+    let status = status_label(res.status());
+    metrics::counter!("seckill_http_requests_total", "route" => route, "status" => status)
         .increment(1);
     metrics::histogram!("seckill_http_request_seconds", "route" => route)
         .record(started.elapsed().as_secs_f64());
     res
+}
+
+/// "100" to "599" made once, so the request counter's status label costs no
+/// allocation per request.
+static STATUS_LABELS: LazyLock<Vec<String>> =
+    LazyLock::new(|| (100..600).map(|code: u16| code.to_string()).collect());
+
+fn status_label(status: hyper::StatusCode) -> &'static str {
+    usize::from(status.as_u16())
+        .checked_sub(100)
+        .and_then(|i| STATUS_LABELS.get(i))
+        .map_or("other", String::as_str)
 }
