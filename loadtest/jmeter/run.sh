@@ -46,8 +46,8 @@ lt_setup_path
 lt_deps
 lt_ensure_tools curl jq psql redis-cli
 # Debian splits JMeter: the HTTP sampler is in jmeter-http.
-if ! command -v jmeter >/dev/null 2>&1 || ! ls /usr/share/jmeter/lib/ext/ApacheJMeter_http*.jar >/dev/null 2>&1 &&
-	[[ -d /usr/share/jmeter ]]; then
+if ! command -v jmeter >/dev/null 2>&1 ||
+	{ [[ -d /usr/share/jmeter ]] && ! ls /usr/share/jmeter/lib/ext/ApacheJMeter_http*.jar >/dev/null 2>&1; }; then
 	lt_apt_install jmeter jmeter-http
 fi
 command -v jmeter >/dev/null 2>&1 || lt_die "jmeter is missing"

@@ -20,16 +20,20 @@ pub struct OrderMessage {
 impl OrderMessage {
     /// Parses a stream entry's fields; `None` when a field is missing or malformed.
     pub fn from_fields(fields: &HashMap<String, Value>) -> Option<OrderMessage> {
-        let text = |name: &str| -> Option<String> {
+        let text = |name: &str| -> Option<&str> {
             match fields.get(name)? {
-                Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
-                Value::SimpleString(s) => Some(s.clone()),
-                Value::Int(i) => Some(i.to_string()),
+                Value::BulkString(b) => std::str::from_utf8(b).ok(),
+                Value::SimpleString(s) => Some(s),
                 _ => None,
             }
         };
-        let int = |name: &str| text(name)?.parse::<i64>().ok();
-        let order_id = text("order_id").filter(|s| !s.is_empty())?;
+        let int = |name: &str| -> Option<i64> {
+            match fields.get(name)? {
+                Value::Int(i) => Some(*i),
+                _ => text(name)?.parse::<i64>().ok(),
+            }
+        };
+        let order_id = text("order_id").filter(|s| !s.is_empty())?.to_string();
         Some(OrderMessage {
             order_id,
             promotion_id: int("promotion_id")?,

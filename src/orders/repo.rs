@@ -17,10 +17,27 @@ pub struct Order {
     pub created_at: DateTime<Utc>,
 }
 
+/// The batch insert: one row per element of the arrays.
+macro_rules! insert_batch_sql {
+    () => {
+        "INSERT INTO orders (order_id, promotion_id, user_id, seq, price_cents, created_at) \
+         SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], \
+         $5::bigint[], $6::timestamptz[])"
+    };
+}
+const INSERT_BATCH: &str = insert_batch_sql!();
+const INSERT_BATCH_SKIPPING: &str = concat!(insert_batch_sql!(), " ON CONFLICT DO NOTHING");
+
 /// Writes a batch in one statement. An order already there (a redelivered
 /// message) is skipped, not an error, so a redelivery can never poison the
 /// stream. Returns the number of rows actually inserted.
-pub async fn insert_batch(db: &PgPool, batch: &[OrderMessage]) -> anyhow::Result<u64> {
+///
+/// The first try is a plain insert, which costs PostgreSQL about a fifth less
+/// per row than `ON CONFLICT` (no speculative insertion). When the batch holds
+/// an order already there (a redelivery after a crash, rare), it fails whole
+/// with a unique violation and writes nothing; it is then written again with
+/// `ON CONFLICT DO NOTHING`, which skips those rows.
+pub async fn insert_batch(db: &PgPool, batch: &[&OrderMessage]) -> anyhow::Result<u64> {
     if batch.is_empty() {
         return Ok(0);
     }
@@ -38,20 +55,22 @@ pub async fn insert_batch(db: &PgPool, batch: &[OrderMessage]) -> anyhow::Result
         prices.push(m.price_cents);
         created.push(m.created_at);
     }
-    let done = sqlx::query(
-        "INSERT INTO orders (order_id, promotion_id, user_id, seq, price_cents, created_at) \
-         SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], \
-         $5::bigint[], $6::timestamptz[]) \
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(&order_ids)
-    .bind(&promotion_ids)
-    .bind(&user_ids)
-    .bind(&seqs)
-    .bind(&prices)
-    .bind(&created)
-    .execute(db)
-    .await
+    let insert = |sql: &'static str| {
+        sqlx::query(sql)
+            .bind(&order_ids)
+            .bind(&promotion_ids)
+            .bind(&user_ids)
+            .bind(&seqs)
+            .bind(&prices)
+            .bind(&created)
+            .execute(db)
+    };
+    let done = match insert(INSERT_BATCH).await {
+        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
+            insert(INSERT_BATCH_SKIPPING).await
+        }
+        other => other,
+    }
     .with_context(|| format!("failed to insert a batch of {} orders", batch.len()))?;
     Ok(done.rows_affected())
 }

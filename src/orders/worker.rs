@@ -62,11 +62,16 @@ pub struct Entry {
 impl Entry {
     fn new(stream: &str, sid: StreamId) -> Entry {
         let message = OrderMessage::from_fields(&sid.map);
-        let raw = sid
-            .map
-            .iter()
-            .map(|(k, v)| (k.clone(), format!("{v:?}")))
-            .collect();
+        // The raw fields are kept only for the dead-letter copy of a
+        // malformed entry: a well-formed one would pay an allocation per field.
+        let raw = if message.is_some() {
+            Vec::new()
+        } else {
+            sid.map
+                .iter()
+                .map(|(k, v)| (k.clone(), format!("{v:?}")))
+                .collect()
+        };
         Entry {
             stream: stream.to_string(),
             id: sid.id,
@@ -315,7 +320,7 @@ impl Worker {
         entries: &[Entry],
         shutdown: &CancellationToken,
     ) -> anyhow::Result<u64> {
-        let batch: Vec<OrderMessage> = entries.iter().filter_map(|e| e.message.clone()).collect();
+        let batch: Vec<&OrderMessage> = entries.iter().filter_map(|e| e.message.as_ref()).collect();
         let mut backoff = Duration::from_millis(50);
         loop {
             let started = Instant::now();
