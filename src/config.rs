@@ -107,7 +107,7 @@ const DEFAULT_DB_MAX_CONNECTIONS: u32 = 10;
 
 /// Order worker tasks per process (each one a stream consumer of its own). A
 /// worker spends most of a batch waiting for PostgreSQL's commit; four of them
-/// overlap those waits (loadtest/bench.sh: 0.58 of COPY speed, two: 0.4).
+/// overlap those waits (loadtest/bench.sh: 0.5 of COPY speed, two: about 0.4).
 const ENV_WORKERS: &str = "SECKILL_WORKERS";
 const DEFAULT_WORKERS: usize = 4;
 
