@@ -24,6 +24,7 @@ use crate::orders::lifecycle::Lifecycle;
 use crate::orders::{Worker, WorkerConfig};
 use crate::promotions::PromotionCache;
 use crate::stock::Keys;
+use crate::stock::coalesce::Coalescer;
 
 /// Response timeout of the purchase path's Redis connection: a script takes
 /// well under a millisecond, so a slower answer means Redis is in trouble and
@@ -49,6 +50,9 @@ pub struct AppState {
     /// Purchases in flight towards Redis. A purchase that cannot take a
     /// permit at once is answered `503`: the gateway never queues without end.
     pub inflight: Semaphore,
+    /// Sends purchases to `lua/purchase.lua`, concurrent ones of a promotion
+    /// together.
+    pub purchases: Arc<Coalescer>,
     pub lifecycle: Lifecycle,
     pub limits: Limits,
     pub tokens: AdmissionTokens,
@@ -119,12 +123,14 @@ impl App {
             keys: keys.clone(),
             payment_timeout: settings.payment_timeout,
         };
+        let purchases = Coalescer::new(redis.clone(), keys.clone(), settings.purchase_batch);
         let state = Arc::new(AppState {
             keys,
             lifecycle,
             auth: Auth::new(&settings.jwt_secret, &settings.admin_token),
             cache: PromotionCache::new(settings.cache_ttl, settings.sold_out_ttl),
             inflight: Semaphore::new(settings.max_inflight),
+            purchases,
             limits: Limits::new(
                 settings.rate_global,
                 settings.rate_user,

@@ -126,6 +126,11 @@ const DEFAULT_CLAIM_IDLE_MS: u64 = 30_000;
 
 /// Purchases in flight towards Redis at once; past it the gateway answers 503
 /// at once instead of queueing without end.
+/// Buyers per call of `lua/purchase.lua` at most: concurrent purchases of one
+/// promotion are coalesced into one call (1: each purchase alone).
+const ENV_PURCHASE_BATCH: &str = "SECKILL_PURCHASE_BATCH";
+const DEFAULT_PURCHASE_BATCH: usize = 64;
+
 const ENV_MAX_INFLIGHT: &str = "SECKILL_MAX_INFLIGHT";
 const DEFAULT_MAX_INFLIGHT: usize = 4096;
 
@@ -193,6 +198,7 @@ pub struct Settings {
     pub worker_block: Duration,
     pub claim_idle: Duration,
     pub max_inflight: usize,
+    pub purchase_batch: usize,
     pub cache_ttl: Duration,
     pub sold_out_ttl: Duration,
     pub header_timeout: Duration,
@@ -251,6 +257,7 @@ impl Default for Settings {
             worker_block: Duration::from_millis(DEFAULT_WORKER_BLOCK_MS),
             claim_idle: Duration::from_millis(DEFAULT_CLAIM_IDLE_MS),
             max_inflight: DEFAULT_MAX_INFLIGHT,
+            purchase_batch: DEFAULT_PURCHASE_BATCH,
             cache_ttl: Duration::from_millis(DEFAULT_CACHE_TTL_MS),
             sold_out_ttl: Duration::from_millis(DEFAULT_SOLD_OUT_TTL_MS),
             header_timeout: Duration::from_millis(DEFAULT_HEADER_TIMEOUT_MS),
@@ -327,6 +334,7 @@ impl Settings {
             worker_block: millis(&lookup, ENV_WORKER_BLOCK_MS, DEFAULT_WORKER_BLOCK_MS)?,
             claim_idle: millis(&lookup, ENV_CLAIM_IDLE_MS, DEFAULT_CLAIM_IDLE_MS)?,
             max_inflight: parse(&lookup, ENV_MAX_INFLIGHT, DEFAULT_MAX_INFLIGHT)?,
+            purchase_batch: parse(&lookup, ENV_PURCHASE_BATCH, DEFAULT_PURCHASE_BATCH)?,
             cache_ttl: millis(&lookup, ENV_CACHE_TTL_MS, DEFAULT_CACHE_TTL_MS)?,
             sold_out_ttl: millis(&lookup, ENV_SOLD_OUT_TTL_MS, DEFAULT_SOLD_OUT_TTL_MS)?,
             header_timeout: millis(&lookup, ENV_HEADER_TIMEOUT_MS, DEFAULT_HEADER_TIMEOUT_MS)?,
@@ -372,6 +380,9 @@ impl Settings {
         }
         if self.token_ttl.is_zero() || self.captcha_ttl.is_zero() {
             bail!("{ENV_TOKEN_TTL_SECS} and {ENV_CAPTCHA_TTL_SECS} must be at least 1");
+        }
+        if self.purchase_batch == 0 {
+            bail!("{ENV_PURCHASE_BATCH} must be at least 1");
         }
         if self.max_inflight == 0 {
             bail!("{ENV_MAX_INFLIGHT} must be at least 1");

@@ -5,6 +5,7 @@
 //! change is atomic. This module owns the Redis side of a promotion; the
 //! record of promotions and orders lives in PostgreSQL (`promotions`, `orders`).
 
+pub mod coalesce;
 pub mod events;
 pub mod keys;
 pub mod lua;

@@ -5,8 +5,6 @@
 //! answers unknown, not-started, ended and recently sold-out promotions; what
 //! passes runs `lua/purchase.lua`, which decides atomically.
 
-use std::time::Instant;
-
 use chrono::Utc;
 use hyper::StatusCode;
 use serde::Deserialize;
@@ -16,7 +14,7 @@ use crate::http::{ApiError, Response, json};
 use crate::orders::repo as orders;
 use crate::promotions::cache::SoldOut;
 use crate::stock::Outcome;
-use crate::stock::scripts::{self, Buyer};
+use crate::stock::scripts::Buyer;
 
 /// The purchase body: `{}` or `{"token": "..."}`. There is no quantity: one
 /// call buys one unit, and unknown fields are refused.
@@ -79,14 +77,7 @@ pub async fn purchase(req: Request) -> Result<Response, ApiError> {
         user_id,
         order_id: uuid::Uuid::now_v7().to_string(),
     };
-    let mut conn = state.redis.clone();
-    let started = Instant::now();
-    let outcome = scripts::purchase(&mut conn, &state.keys, id, std::slice::from_ref(&buyer))
-        .await?
-        .pop()
-        .unwrap_or(Outcome::Unknown);
-    metrics::histogram!("seckill_lua_seconds", "script" => "purchase")
-        .record(started.elapsed().as_secs_f64());
+    let outcome = state.purchases.purchase(id, buyer).await?;
 
     match outcome {
         Outcome::Bought { order_id } => {

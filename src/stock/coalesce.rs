@@ -1,0 +1,147 @@
+//! Purchase coalescing: concurrent purchases of one promotion go to Redis
+//! together, as one call of `lua/purchase.lua` with a list of buyers.
+//!
+//! Group commit without a timer. A purchase that finds fewer than
+//! [`MAX_CALLS`] calls of its promotion in flight starts one at once, so a
+//! lone buyer waits for nothing. Purchases that arrive while calls are in
+//! flight queue up, first come first served, and leave together in the next
+//! call, at most `max_batch` buyers each: the busier the sale, the fuller the
+//! calls, and Redis runs one script per batch instead of one per buyer.
+//!
+//! The script takes the buyers one after another inside one atomic step, so
+//! every check of a one-buyer call (window, per-user limit, stock) holds for
+//! each buyer of a batch, also for one buyer queued twice in the same batch.
+//! When the call fails, every buyer of the batch gets the error (a `503`):
+//! the script ran for all of them or for none.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use redis::RedisError;
+use redis::aio::ConnectionManager;
+use tokio::sync::oneshot;
+
+use super::Keys;
+use super::scripts::{self, Buyer, Outcome};
+
+/// Script calls of one promotion in flight at once: while Redis runs one
+/// batch, the next one is already on its way.
+pub const MAX_CALLS: usize = 2;
+
+type Answer = Result<Outcome, Arc<RedisError>>;
+
+/// The buyers of one promotion waiting for a call, and the calls in flight.
+#[derive(Default)]
+struct Queue {
+    waiting: Vec<(Buyer, oneshot::Sender<Answer>)>,
+    calls: usize,
+}
+
+/// Sends the purchases of every promotion to Redis, coalesced.
+pub struct Coalescer {
+    redis: ConnectionManager,
+    keys: Keys,
+    max_batch: usize,
+    queues: Mutex<HashMap<i64, Queue>>,
+}
+
+impl Coalescer {
+    /// `max_batch` buyers at most per script call; 1 sends each purchase
+    /// alone, as soon as it comes.
+    pub fn new(redis: ConnectionManager, keys: Keys, max_batch: usize) -> Arc<Coalescer> {
+        Arc::new(Coalescer {
+            redis,
+            keys,
+            max_batch: max_batch.max(1),
+            queues: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The outcome of `buyer`'s purchase in promotion `id`.
+    pub async fn purchase(self: &Arc<Self>, id: i64, buyer: Buyer) -> Answer {
+        if self.max_batch == 1 {
+            let mut conn = self.redis.clone();
+            let outcomes = timed(scripts::purchase(
+                &mut conn,
+                &self.keys,
+                id,
+                std::slice::from_ref(&buyer),
+            ))
+            .await
+            .map_err(Arc::new)?;
+            return Ok(outcomes.into_iter().next().unwrap_or(Outcome::Unknown));
+        }
+        let (tx, rx) = oneshot::channel();
+        let start_call = {
+            let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+            let queue = queues.entry(id).or_default();
+            queue.waiting.push((buyer, tx));
+            if queue.calls < MAX_CALLS {
+                queue.calls += 1;
+                true
+            } else {
+                false
+            }
+        };
+        if start_call {
+            // A task of its own: the call must finish and answer every buyer
+            // of its batch even if this request is dropped meanwhile.
+            tokio::spawn(Arc::clone(self).send_batches(id));
+        }
+        rx.await.unwrap_or_else(|_| {
+            Err(Arc::new(RedisError::from((
+                redis::ErrorKind::Client,
+                "the purchase call ended without an answer",
+            ))))
+        })
+    }
+
+    /// Sends the waiting buyers of promotion `id`, a batch per call, until
+    /// none is left.
+    async fn send_batches(self: Arc<Self>, id: i64) {
+        loop {
+            let batch: Vec<_> = {
+                let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+                let Some(queue) = queues.get_mut(&id) else {
+                    return;
+                };
+                if queue.waiting.is_empty() {
+                    queue.calls -= 1;
+                    if queue.calls == 0 {
+                        queues.remove(&id);
+                    }
+                    return;
+                }
+                let n = queue.waiting.len().min(self.max_batch);
+                queue.waiting.drain(..n).collect()
+            };
+            let (buyers, replies): (Vec<Buyer>, Vec<_>) = batch.into_iter().unzip();
+            let mut conn = self.redis.clone();
+            match timed(scripts::purchase(&mut conn, &self.keys, id, &buyers)).await {
+                Ok(outcomes) => {
+                    for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                        // A buyer who went away still bought: its order is
+                        // in the stream and its result in Redis.
+                        let _ = reply.send(Ok(outcome));
+                    }
+                }
+                Err(e) => {
+                    let e = Arc::new(e);
+                    for reply in replies {
+                        let _ = reply.send(Err(Arc::clone(&e)));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A script call, recorded in the Lua latency histogram.
+async fn timed<T>(call: impl Future<Output = T>) -> T {
+    let started = Instant::now();
+    let out = call.await;
+    metrics::histogram!("seckill_lua_seconds", "script" => "purchase")
+        .record(started.elapsed().as_secs_f64());
+    out
+}
