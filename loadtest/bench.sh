@@ -69,19 +69,13 @@ case ${1:-} in
 esac
 
 RB_PREFIX=${LT_PREFIX}rb
-on_exit() {
-	local rc=$?
-	trap - EXIT INT TERM
-	lt_stop_all
+# redis-benchmark's promotion lives under its own prefix.
+rb_cleanup() {
 	lt_redis --scan --pattern "{$RB_PREFIX:*" 2>/dev/null |
-		xargs -r -n 500 redis-cli -u "$LT_REDIS_URL" --no-auth-warning UNLINK >/dev/null 2>&1 || true
-	lt_cleanup_scratch
-	if ((rc == 0)); then rm -rf "$LT_DIR"; else lt_log "logs kept in $LT_DIR"; fi
-	exit "$rc"
+		xargs -r -n 500 redis-cli -u "$LT_REDIS_URL" --no-auth-warning UNLINK >/dev/null 2>&1
 }
-trap on_exit EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+LT_EXTRA_CLEANUP=rb_cleanup
+lt_exit_traps
 
 REPORT=$LT_DIR/report.txt
 : >"$REPORT"

@@ -16,6 +16,8 @@
 #   lt_stat JSON KEY       an integer field of a JSON document
 #   lt_wait_drained ID TIMEOUT_S  polls the admin stats until persisted == sold
 #   lt_cleanup_scratch     drops the scratch database and Redis keys
+#   lt_exit_traps          on exit: stop what was started, drop the scratch state
+#                          (kept with LT_KEEP=1; LT_DIR kept after a failure)
 
 LT_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 LT_BIN=${CARGO_TARGET_DIR:-$LT_ROOT/target}/release/seckill
@@ -324,4 +326,28 @@ lt_cleanup_scratch() {
 lt_rss_mib() {
 	awk '/^VmHWM:/ { h = $2 } /^VmRSS:/ { r = $2 }
 		END { printf "%.1f %.1f\n", h / 1024, r / 1024 }' "/proc/$1/status" 2>/dev/null
+}
+
+# lt_exit_traps: on exit (and on INT/TERM), stop every process we started,
+# then drop the scratch database and keys unless LT_KEEP=1; LT_DIR goes too
+# after a success, and stays for reading after a failure. LT_EXTRA_CLEANUP may
+# name a function that removes more scratch state first.
+lt_exit_traps() {
+	trap lt_on_exit EXIT
+	trap 'exit 130' INT
+	trap 'exit 143' TERM
+}
+
+lt_on_exit() {
+	local rc=$?
+	trap - EXIT INT TERM
+	lt_stop_all
+	if [[ ${LT_KEEP:-0} == 1 ]]; then
+		lt_log "kept: database $LT_DB, Redis prefix $LT_PREFIX, files in $LT_DIR"
+	else
+		if [[ -n ${LT_EXTRA_CLEANUP:-} ]]; then "$LT_EXTRA_CLEANUP" || true; fi
+		lt_cleanup_scratch
+		if ((rc == 0)); then rm -rf "$LT_DIR"; else lt_log "files kept in $LT_DIR"; fi
+	fi
+	exit "$rc"
 }

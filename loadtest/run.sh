@@ -64,21 +64,8 @@ BROWSE_DURATION=${BROWSE_DURATION:-5s}
 DRAIN_TIMEOUT=${DRAIN_TIMEOUT:-120}
 ((USERS > STOCK)) || lt_die "USERS ($USERS) must exceed STOCK ($STOCK): the sale must sell out"
 
-on_exit() {
-	local rc=$?
-	trap - EXIT INT TERM
-	lt_stop_all
-	if ((keep)); then
-		lt_log "kept: database $LT_DB, Redis prefix $LT_PREFIX, logs in $LT_DIR"
-	else
-		lt_cleanup_scratch
-		if ((rc == 0)); then rm -rf "$LT_DIR"; else lt_log "logs kept in $LT_DIR"; fi
-	fi
-	exit "$rc"
-}
-trap on_exit EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+LT_KEEP=$keep
+lt_exit_traps
 
 lt_setup_path
 lt_deps

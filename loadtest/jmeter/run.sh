@@ -26,21 +26,8 @@ STOCK=${STOCK:-1000}
 USERS=${USERS:-5000}
 RAMPUP=${RAMPUP:-5}
 
-on_exit() {
-	local rc=$?
-	trap - EXIT INT TERM
-	lt_stop_all
-	if ((keep)); then
-		lt_log "kept: database $LT_DB, Redis prefix $LT_PREFIX, files in $LT_DIR"
-	else
-		lt_cleanup_scratch
-		if ((rc == 0)); then rm -rf "$LT_DIR"; else lt_log "files kept in $LT_DIR"; fi
-	fi
-	exit "$rc"
-}
-trap on_exit EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+LT_KEEP=$keep
+lt_exit_traps
 
 lt_setup_path
 lt_deps

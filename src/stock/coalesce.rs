@@ -36,6 +36,8 @@ type Answer = Result<Outcome, Arc<RedisError>>;
 struct Queue {
     waiting: Vec<(Buyer, oneshot::Sender<Answer>)>,
     calls: usize,
+    /// Buyers in the calls in flight.
+    sending: usize,
 }
 
 /// Sends the purchases of every promotion to Redis, coalesced.
@@ -56,6 +58,12 @@ impl Coalescer {
             max_batch: max_batch.max(1),
             queues: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Buyers of promotion `id` waiting for a call or in a call in flight.
+    pub fn pending(&self, id: i64) -> usize {
+        let queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        queues.get(&id).map_or(0, |q| q.waiting.len() + q.sending)
     }
 
     /// The outcome of `buyer`'s purchase in promotion `id`.
@@ -114,11 +122,22 @@ impl Coalescer {
                     return;
                 }
                 let n = queue.waiting.len().min(self.max_batch);
+                queue.sending += n;
                 queue.waiting.drain(..n).collect()
             };
+            let n = batch.len();
             let (buyers, replies): (Vec<Buyer>, Vec<_>) = batch.into_iter().unzip();
             let mut conn = self.redis.clone();
-            match timed(scripts::purchase(&mut conn, &self.keys, id, &buyers)).await {
+            let result = timed(scripts::purchase(&mut conn, &self.keys, id, &buyers)).await;
+            if let Some(queue) = self
+                .queues
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_mut(&id)
+            {
+                queue.sending -= n;
+            }
+            match result {
                 Ok(outcomes) => {
                     for (reply, outcome) in replies.into_iter().zip(outcomes) {
                         // A buyer who went away still bought: its order is

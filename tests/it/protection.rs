@@ -2,12 +2,16 @@
 //! captcha, the in-flight bound, slow clients and hostile input.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::future::join_all;
 use reqwest::StatusCode;
 use seckill::app::Role;
+use seckill::stock::Outcome;
+use seckill::stock::coalesce::{Coalescer, MAX_CALLS};
+use seckill::stock::scripts::Buyer;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -694,61 +698,86 @@ async fn oversized_headers_are_refused_without_reaching_a_handler() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_purchases_share_script_calls_and_each_buyer_gets_its_own_answer() {
+async fn purchases_queued_behind_calls_in_flight_share_the_next_calls_and_each_gets_its_answer() {
     let (mut app, redis) = app_on_private_redis(Role::GatewayOnly, |_| {}).await;
     let id = app.active_promotion(100, 1).await;
     // Loads the script into this fresh Redis (the first EVALSHA meets NOSCRIPT).
     app.buy(id, 1).await;
-    let before = redis_stat(&redis.url(), "commandstats", "cmdstat_evalsha").await;
-
-    // Redis holds its answers for 300 ms (below the gateway's 500 ms reply
-    // timeout): the first calls wait in flight, and what arrives meanwhile
-    // must queue and leave in shared calls once Redis answers again.
-    let client = redis::Client::open(redis.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(300)
-        .arg("ALL")
-        .query_async(&mut conn)
+    // The coalescer the gateway uses, on a connection of its own that waits
+    // out the pause below.
+    let conn = seckill::app::connect_redis(&redis.url(), Duration::from_secs(30))
         .await
         .unwrap();
+    let coalescer = Coalescer::new(conn, app.keys.clone(), 64);
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+    let before = redis_stat(&redis.url(), "commandstats", "cmdstat_evalsha").await;
 
-    // 300 new buyers for the 99 units left, and 50 of them clicking twice,
-    // all at once.
+    // Redis holds every script call until told to go on: the first calls
+    // wait in flight, and every purchase after them must queue.
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(20_000)
+        .arg("WRITE")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    // 300 new buyers for the 99 units left, and 50 of them twice.
     let users: Vec<i64> = (1000..1300).chain(1000..1050).collect();
-    let answers = join_all(
-        users
-            .iter()
-            .map(|&u| post(&app, format!("/api/promotions/{id}/purchase"), u, json!({}))),
-    )
-    .await;
+    let tasks: Vec<_> = users
+        .iter()
+        .map(|&user_id| {
+            let coalescer = Arc::clone(&coalescer);
+            tokio::spawn(async move {
+                let buyer = Buyer {
+                    user_id,
+                    order_id: uuid::Uuid::now_v7().to_string(),
+                };
+                let order_id = buyer.order_id.clone();
+                (user_id, order_id, coalescer.purchase(id, buyer).await)
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while coalescer.pending(id) < users.len() {
+        assert!(Instant::now() < deadline, "purchases never queued");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let _: () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let answers = join_all(tasks).await;
     let calls = redis_stat(&redis.url(), "commandstats", "cmdstat_evalsha").await - before;
 
     let mut winners = HashSet::new();
-    let mut order_ids = HashSet::new();
-    for (user, (status, body, _)) in users.iter().zip(&answers) {
-        match *status {
-            StatusCode::OK => {
-                assert!(winners.insert(*user), "user {user} bought twice");
-                assert!(order_ids.insert(body["order_id"].as_str().unwrap().to_string()));
+    let mut refused = 0;
+    for answer in answers {
+        let (user, order_id, outcome) = answer.unwrap();
+        match outcome.unwrap() {
+            Outcome::Bought { order_id: got } => {
+                assert_eq!(got, order_id, "each buyer gets its own order");
+                assert!(winners.insert(user), "user {user} bought twice");
             }
-            StatusCode::CONFLICT => assert_eq!(code(body), "already_purchased"),
-            StatusCode::GONE => assert_eq!(code(body), "sold_out"),
-            other => panic!("user {user}: unexpected {other} {body}"),
+            Outcome::SoldOut | Outcome::AlreadyPurchased => refused += 1,
+            other => panic!("user {user}: unexpected {other:?}"),
         }
     }
     println!(
-        "{} concurrent purchases for 99 units: {} x 200 in {calls} script calls",
+        "{} purchases queued behind {} calls in flight: {} bought, {refused} refused, in {calls} script calls",
         users.len(),
+        MAX_CALLS,
         winners.len()
     );
     assert_eq!(winners.len(), 99, "every unit left sold, none twice");
-    // Each call carried several buyers (without coalescing: one call per
-    // purchase that passed the sold-out flag, at least 99).
+    assert_eq!(winners.len() + refused, users.len());
+    // The calls in flight, then the rest 64 buyers at a time.
+    let most = MAX_CALLS + users.len().div_ceil(64);
     assert!(
-        calls < 50,
-        "{calls} script calls for 99 sales: purchases were not coalesced"
+        (1..=most as i64).contains(&calls),
+        "{calls} script calls for {} queued purchases (at most {most})",
+        users.len()
     );
     let stats = app.stats(id).await;
     assert_eq!(stats["remaining"], 0, "{stats}");
