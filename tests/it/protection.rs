@@ -150,6 +150,12 @@ async fn a_burst_of_1000_purchases_by_one_user_reaches_redis_only_within_the_use
         (1..=bought).contains(&calls),
         "{calls} script calls for {bought} purchases"
     );
+    let others: Vec<_> = answers
+        .iter()
+        .filter(|(s, _, _)| *s != StatusCode::OK && *s != StatusCode::TOO_MANY_REQUESTS)
+        .map(|(s, b, _)| (s.as_u16(), b.clone()))
+        .collect();
+    assert!(others.is_empty(), "neither bought nor limited: {others:?}");
     assert_eq!(bought + limited.len() as i64, 1000);
     for (_, body, retry) in &limited {
         assert_eq!(code(body), "rate_limited");
