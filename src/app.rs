@@ -26,11 +26,6 @@ use crate::promotions::PromotionCache;
 use crate::stock::Keys;
 use crate::stock::coalesce::Coalescer;
 
-/// Response timeout of the purchase path's Redis connection: a script takes
-/// well under a millisecond, so a slower answer means Redis is in trouble and
-/// the buyer gets a quick 503 instead of a hang.
-const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_millis(500);
-
 /// How often the keyed rate limiters forget replenished keys.
 const LIMITER_PRUNE_EVERY: Duration = Duration::from_secs(10);
 
@@ -88,7 +83,7 @@ impl App {
     pub async fn build(settings: Settings, role: Role) -> anyhow::Result<App> {
         let db = connect_db(&settings).await?;
         migrate(&db).await?;
-        let redis = connect_redis(&settings.redis_url, REDIS_RESPONSE_TIMEOUT).await?;
+        let redis = connect_redis(&settings.redis_url, settings.redis_timeout).await?;
         if let Some(dir) = &settings.lua_dir {
             crate::stock::lua::use_dir(dir)?;
         }

@@ -152,6 +152,12 @@ const DEFAULT_HEADER_TIMEOUT_MS: u64 = 5000;
 const ENV_BODY_TIMEOUT_MS: &str = "SECKILL_BODY_TIMEOUT_MS";
 const DEFAULT_BODY_TIMEOUT_MS: u64 = 5000;
 
+/// Reply timeout of the gateway's Redis connection: a purchase script takes
+/// well under a millisecond, so a slower answer means Redis is in trouble and
+/// the buyer gets a prompt 503 instead of a hang.
+const ENV_REDIS_TIMEOUT_MS: &str = "SECKILL_REDIS_TIMEOUT_MS";
+const DEFAULT_REDIS_TIMEOUT_MS: u64 = 500;
+
 /// On SIGTERM, in-flight requests get this long to finish before the process
 /// exits anyway.
 const ENV_SHUTDOWN_GRACE_MS: &str = "SECKILL_SHUTDOWN_GRACE_MS";
@@ -204,6 +210,7 @@ pub struct Settings {
     pub header_timeout: Duration,
     pub body_timeout: Duration,
     pub shutdown_grace: Duration,
+    pub redis_timeout: Duration,
     pub log_format: LogFormat,
     pub lua_dir: Option<std::path::PathBuf>,
 }
@@ -263,6 +270,7 @@ impl Default for Settings {
             header_timeout: Duration::from_millis(DEFAULT_HEADER_TIMEOUT_MS),
             body_timeout: Duration::from_millis(DEFAULT_BODY_TIMEOUT_MS),
             shutdown_grace: Duration::from_millis(DEFAULT_SHUTDOWN_GRACE_MS),
+            redis_timeout: Duration::from_millis(DEFAULT_REDIS_TIMEOUT_MS),
             log_format: LogFormat::Text,
             lua_dir: None,
         }
@@ -340,6 +348,7 @@ impl Settings {
             header_timeout: millis(&lookup, ENV_HEADER_TIMEOUT_MS, DEFAULT_HEADER_TIMEOUT_MS)?,
             body_timeout: millis(&lookup, ENV_BODY_TIMEOUT_MS, DEFAULT_BODY_TIMEOUT_MS)?,
             shutdown_grace: millis(&lookup, ENV_SHUTDOWN_GRACE_MS, DEFAULT_SHUTDOWN_GRACE_MS)?,
+            redis_timeout: millis(&lookup, ENV_REDIS_TIMEOUT_MS, DEFAULT_REDIS_TIMEOUT_MS)?,
             log_format: LogFormat::Text,
             lua_dir: lookup(ENV_LUA_DIR)
                 .filter(|d| !d.is_empty())
@@ -380,6 +389,9 @@ impl Settings {
         }
         if self.token_ttl.is_zero() || self.captcha_ttl.is_zero() {
             bail!("{ENV_TOKEN_TTL_SECS} and {ENV_CAPTCHA_TTL_SECS} must be at least 1");
+        }
+        if self.redis_timeout.is_zero() {
+            bail!("{ENV_REDIS_TIMEOUT_MS} must be at least 1");
         }
         if self.purchase_batch == 0 {
             bail!("{ENV_PURCHASE_BATCH} must be at least 1");
@@ -486,5 +498,27 @@ mod tests {
         })
         .unwrap();
         assert!(s.insecure_secrets().is_empty());
+    }
+
+    #[test]
+    fn redis_timeout_and_purchase_batch_are_read_and_zero_is_refused() {
+        let s = Settings::from_lookup(|n| match n {
+            ENV_REDIS_TIMEOUT_MS => Some("750".into()),
+            ENV_PURCHASE_BATCH => Some("8".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(s.redis_timeout, Duration::from_millis(750));
+        assert_eq!(s.purchase_batch, 8);
+        let d = Settings::from_lookup(|_| None).unwrap();
+        assert_eq!(
+            d.redis_timeout,
+            Duration::from_millis(DEFAULT_REDIS_TIMEOUT_MS)
+        );
+        assert_eq!(d.purchase_batch, DEFAULT_PURCHASE_BATCH);
+        for name in [ENV_REDIS_TIMEOUT_MS, ENV_PURCHASE_BATCH] {
+            let err = Settings::from_lookup(|n| (n == name).then(|| "0".to_string())).unwrap_err();
+            assert!(format!("{err:#}").contains(name), "{err:#}");
+        }
     }
 }
