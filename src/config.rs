@@ -124,13 +124,13 @@ const DEFAULT_WORKER_BLOCK_MS: u64 = 1000;
 const ENV_CLAIM_IDLE_MS: &str = "SECKILL_CLAIM_IDLE_MS";
 const DEFAULT_CLAIM_IDLE_MS: u64 = 30_000;
 
-/// Purchases in flight towards Redis at once; past it the gateway answers 503
-/// at once instead of queueing without end.
 /// Buyers per call of `lua/purchase.lua` at most: concurrent purchases of one
 /// promotion are coalesced into one call (1: each purchase alone).
 const ENV_PURCHASE_BATCH: &str = "SECKILL_PURCHASE_BATCH";
 const DEFAULT_PURCHASE_BATCH: usize = 64;
 
+/// Purchases in flight towards Redis at once; past it the gateway answers 503
+/// at once instead of queueing without end.
 const ENV_MAX_INFLIGHT: &str = "SECKILL_MAX_INFLIGHT";
 const DEFAULT_MAX_INFLIGHT: usize = 4096;
 

@@ -23,26 +23,11 @@
 import http from 'k6/http';
 import { check } from 'k6';
 import { Counter, Trend } from 'k6/metrics';
+import { BASE_URL, intEnv, secondsEnv } from './env.js';
 
-function intEnv(name, dflt) {
-  const raw = __ENV[name];
-  if (raw === undefined || raw === '') return dflt;
-  const n = Number(raw);
-  if (!Number.isInteger(n) || n < 0) throw new Error(`${name} must be a non-negative integer, got ${raw}`);
-  return n;
-}
-
-function seconds(raw) {
-  const m = /^(\d+(?:\.\d+)?)(ms|s|m)?$/.exec(raw);
-  if (!m) throw new Error(`DURATION must look like 10s, 1500ms or 2m, got ${raw}`);
-  const v = Number(m[1]);
-  return m[2] === 'ms' ? v / 1000 : m[2] === 'm' ? v * 60 : v;
-}
-
-const BASE_URL = (__ENV.BASE_URL || 'http://127.0.0.1:8080').replace(/\/$/, '');
 const PROMOTION_ID = intEnv('PROMOTION_ID', 0);
 const RATE = Math.max(1, intEnv('RATE', 500));
-const DURATION_S = seconds(__ENV.DURATION || '10s');
+const DURATION_S = secondsEnv('DURATION', '10s');
 const PRE_VUS = intEnv('PRE_VUS', 50);
 const MAX_VUS = intEnv('MAX_VUS', 500);
 

@@ -53,28 +53,13 @@ import crypto from 'k6/crypto';
 import encoding from 'k6/encoding';
 import exec from 'k6/execution';
 import { Counter, Trend } from 'k6/metrics';
+import { BASE_URL, intEnv, secondsEnv } from './env.js';
 
-function intEnv(name, dflt) {
-  const raw = __ENV[name];
-  if (raw === undefined || raw === '') return dflt;
-  const n = Number(raw);
-  if (!Number.isInteger(n) || n < 0) throw new Error(`${name} must be a non-negative integer, got ${raw}`);
-  return n;
-}
-
-function seconds(raw) {
-  const m = /^(\d+(?:\.\d+)?)(ms|s|m)?$/.exec(raw);
-  if (!m) throw new Error(`DURATION must look like 5s, 1500ms or 2m, got ${raw}`);
-  const v = Number(m[1]);
-  return m[2] === 'ms' ? v / 1000 : m[2] === 'm' ? v * 60 : v;
-}
-
-const BASE_URL = (__ENV.BASE_URL || 'http://127.0.0.1:8080').replace(/\/$/, '');
 const PROMOTION_ID = intEnv('PROMOTION_ID', 0);
 const STOCK = intEnv('STOCK', 1000);
 const USERS = intEnv('USERS', 5000);
 const FIRST_USER = intEnv('FIRST_USER', 1);
-const DURATION_S = seconds(__ENV.DURATION || '5s');
+const DURATION_S = secondsEnv('DURATION', '5s');
 const RAMP = Number(__ENV.RAMP || '0.25');
 const JWT_SECRET = __ENV.JWT_SECRET || '';
 const ADMIN_TOKEN = __ENV.ADMIN_TOKEN || '';

@@ -69,15 +69,10 @@ impl Coalescer {
     /// The outcome of `buyer`'s purchase in promotion `id`.
     pub async fn purchase(self: &Arc<Self>, id: i64, buyer: Buyer) -> Answer {
         if self.max_batch == 1 {
-            let mut conn = self.redis.clone();
-            let outcomes = timed(scripts::purchase(
-                &mut conn,
-                &self.keys,
-                id,
-                std::slice::from_ref(&buyer),
-            ))
-            .await
-            .map_err(Arc::new)?;
+            let outcomes = self
+                .call(id, std::slice::from_ref(&buyer))
+                .await
+                .map_err(Arc::new)?;
             return Ok(outcomes.into_iter().next().unwrap_or(Outcome::Unknown));
         }
         let (tx, rx) = oneshot::channel();
@@ -105,6 +100,17 @@ impl Coalescer {
         })
     }
 
+    /// One call of `lua/purchase.lua` for `buyers`, recorded in the Lua
+    /// latency histogram.
+    async fn call(&self, id: i64, buyers: &[Buyer]) -> redis::RedisResult<Vec<Outcome>> {
+        let mut conn = self.redis.clone();
+        let started = Instant::now();
+        let outcomes = scripts::purchase(&mut conn, &self.keys, id, buyers).await;
+        metrics::histogram!("seckill_lua_seconds", "script" => "purchase")
+            .record(started.elapsed().as_secs_f64());
+        outcomes
+    }
+
     /// Sends the waiting buyers of promotion `id`, a batch per call, until
     /// none is left.
     async fn send_batches(self: Arc<Self>, id: i64) {
@@ -127,8 +133,7 @@ impl Coalescer {
             };
             let n = batch.len();
             let (buyers, replies): (Vec<Buyer>, Vec<_>) = batch.into_iter().unzip();
-            let mut conn = self.redis.clone();
-            let result = timed(scripts::purchase(&mut conn, &self.keys, id, &buyers)).await;
+            let result = self.call(id, &buyers).await;
             if let Some(queue) = self
                 .queues
                 .lock()
@@ -154,13 +159,4 @@ impl Coalescer {
             }
         }
     }
-}
-
-/// A script call, recorded in the Lua latency histogram.
-async fn timed<T>(call: impl Future<Output = T>) -> T {
-    let started = Instant::now();
-    let out = call.await;
-    metrics::histogram!("seckill_lua_seconds", "script" => "purchase")
-        .record(started.elapsed().as_secs_f64());
-    out
 }
