@@ -13,7 +13,7 @@ KEYS[3]  {P:p:ID}:tokens   hash  user id -> 1, the buyers admitted so far
 ARGV[1]  user id
 ARGV[2]  cap multiple: at most stock (initial) * multiple buyers are admitted
 
-Returns:
+Returns (named in Rust as `stock::lua::codes::issue_token`):
   1  admitted now          2  admitted before (a fresh token, no new seat)
   0  refused: the cap is reached or nothing is left on sale
   3  not started           4  ended

@@ -17,7 +17,8 @@ ARGV[1]          n, the number of buyers in this call (>= 1)
 ARGV[2k], [2k+1] for k = 1..n: the buyer's user id and the order id to use if
                  the buyer wins (unique, minted by the gateway)
 
-Returns an array of n integers, one per buyer, in order:
+Returns an array of n integers, one per buyer, in order (named in Rust as
+`stock::lua::codes::purchase`):
   1  bought: the unit is taken and the order is in the stream
   0  sold out
   2  already purchased: the buyer has reached per-user limit

@@ -20,8 +20,8 @@ ARGV[9]     require_captcha (0 or 1)
 ARGV[10]    sold: orders that exist (in PostgreSQL or still in the stream)
 ARGV[11]    returned: cancelled orders whose unit is back
 
-Returns 1 when the state was rebuilt, 0 when the meta hash existed (nothing
-changed: running recovery twice is harmless).
+Returns (`stock::lua::codes::recover`) 1 when the state was rebuilt, 0 when
+the meta hash existed (nothing changed: running recovery twice is harmless).
 
 Invariants:
   - stock = initial - sold + returned, never below zero;

@@ -8,7 +8,7 @@ KEYS[3]  {P:p:ID}:returned  set  ids of the orders whose unit came back
 
 ARGV[1]  the order id
 
-Returns:
+Returns (named in Rust as `stock::lua::codes::restock`):
    1  the unit is back on sale
    0  this order's unit was already returned (a retried or concurrent cancel)
   -1  Redis has no state for the promotion; nothing changed (`seckill

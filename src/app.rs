@@ -7,10 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use sqlx::migrate::MigrateDatabase;
-use sqlx::postgres::PgPoolOptions;
-use sqlx::{PgPool, Postgres};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -19,45 +15,20 @@ use tokio_util::sync::CancellationToken;
 use crate::admission::AdmissionTokens;
 use crate::auth::Auth;
 use crate::config::Settings;
+use crate::http::AppState;
 use crate::limit::Limits;
 use crate::orders::lifecycle::Lifecycle;
 use crate::orders::{Worker, WorkerConfig};
-use crate::promotions::PromotionCache;
-use crate::stock::Keys;
+use crate::promotions::{PromotionCache, Promotions};
 use crate::stock::coalesce::Coalescer;
+use crate::stock::{ConnectOptions, Keys, Store};
+use crate::{db, pace};
 
 /// How often the keyed rate limiters forget replenished keys.
 const LIMITER_PRUNE_EVERY: Duration = Duration::from_secs(10);
 
 /// How often the stream length and pending gauges are refreshed.
 const STREAM_GAUGES_EVERY: Duration = Duration::from_secs(2);
-
-/// Everything a request handler needs, shared by all connections.
-pub struct AppState {
-    pub settings: Settings,
-    /// One multiplexed connection (cheap clones share one socket and
-    /// reconnect by themselves), used on the purchase path.
-    pub redis: ConnectionManager,
-    pub db: PgPool,
-    pub keys: Keys,
-    pub auth: Auth,
-    pub cache: PromotionCache,
-    /// Purchases in flight towards Redis. A purchase that cannot take a
-    /// permit at once is answered `503`: the gateway never queues without end.
-    pub inflight: Semaphore,
-    /// Sends purchases to `lua/purchase.lua`, concurrent ones of a promotion
-    /// together.
-    pub purchases: Arc<Coalescer>,
-    pub lifecycle: Lifecycle,
-    pub limits: Limits,
-    pub tokens: AdmissionTokens,
-    /// Client connections served at once; the accept loop waits for a permit.
-    pub connections: Arc<Semaphore>,
-    /// A worker process's listener serves only `/health`, `/ready` and
-    /// `/metrics`.
-    pub ops_only: bool,
-    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
-}
 
 /// What a process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,17 +52,21 @@ impl App {
     /// Connects to PostgreSQL (creating the database if it does not exist)
     /// and Redis, applies pending migrations and binds the listener.
     pub async fn build(settings: Settings, role: Role) -> anyhow::Result<App> {
-        let db = connect_db(&settings).await?;
-        migrate(&db).await?;
-        let redis = connect_redis(&settings.redis_url, settings.redis_timeout).await?;
+        let db = db::connect(&settings.database_url, settings.db_max_connections).await?;
+        db::migrate(&db).await?;
         if let Some(dir) = &settings.lua_dir {
             crate::stock::lua::use_dir(dir)?;
         }
-        crate::stock::lua::load_all(&mut redis.clone()).await?;
-        let keys = Keys::new(settings.key_prefix.clone());
+        let store = Store::connect(
+            &settings.redis_url,
+            Keys::new(settings.key_prefix.clone()),
+            ConnectOptions::commands(settings.redis_timeout),
+        )
+        .await?;
+        store.load_scripts().await?;
         // Redis may have lost promotions while we were down: rebuild them
         // before taking traffic.
-        for r in crate::recovery::recover(&db, &redis, &keys, None).await? {
+        for r in crate::recovery::recover(&db, &store, None).await? {
             if r.rebuilt {
                 tracing::warn!(
                     promotion = r.promotion_id,
@@ -112,20 +87,22 @@ impl App {
             ),
             None => None,
         };
-        let lifecycle = Lifecycle {
-            db: db.clone(),
-            redis: redis.clone(),
-            keys: keys.clone(),
-            payment_timeout: settings.payment_timeout,
-        };
-        let purchases = Coalescer::new(redis.clone(), keys.clone(), settings.purchase_batch);
+        let cache = PromotionCache::new(settings.cache_ttl, settings.sold_out_ttl);
         let state = Arc::new(AppState {
-            keys,
-            lifecycle,
+            lifecycle: Lifecycle {
+                db: db.clone(),
+                store: store.clone(),
+                payment_timeout: settings.payment_timeout,
+            },
+            promotions: Promotions {
+                db: db.clone(),
+                store: store.clone(),
+                cache: cache.clone(),
+            },
+            purchases: Coalescer::new(store.clone(), settings.purchase_batch),
             auth: Auth::new(&settings.jwt_secret, &settings.admin_token),
-            cache: PromotionCache::new(settings.cache_ttl, settings.sold_out_ttl),
+            cache,
             inflight: Semaphore::new(settings.max_inflight),
-            purchases,
             limits: Limits::new(
                 settings.rate_global,
                 settings.rate_user,
@@ -137,7 +114,7 @@ impl App {
             ops_only: role == Role::WorkersOnly,
             metrics: crate::telemetry::metrics_handle(),
             settings,
-            redis,
+            store,
             db,
         });
         Ok(App {
@@ -174,7 +151,7 @@ impl App {
                 let worker = Worker::connect(
                     &self.state.settings.redis_url,
                     self.state.db.clone(),
-                    self.state.keys.clone(),
+                    self.state.store.keys().clone(),
                     consumer,
                     config.clone(),
                 )
@@ -184,15 +161,13 @@ impl App {
             let sweeper = self.state.lifecycle.clone();
             workers.spawn(sweeper.run_sweeper(self.state.settings.sweep_interval, token.clone()));
             workers.spawn(crate::orders::worker::observe_streams(
-                self.state.redis.clone(),
-                self.state.keys.clone(),
+                self.state.store.clone(),
                 STREAM_GAUGES_EVERY,
                 token.clone(),
             ));
             workers.spawn(crate::recovery::run_periodic(
                 self.state.db.clone(),
-                self.state.redis.clone(),
-                self.state.keys.clone(),
+                self.state.store.clone(),
                 self.state.settings.reconcile_interval,
                 token.clone(),
             ));
@@ -202,16 +177,13 @@ impl App {
             let stop = token.clone();
             workers.spawn(async move {
                 // Keyed limiters grow with every distinct key: prune them.
-                loop {
-                    tokio::select! {
-                        _ = tokio::time::sleep(LIMITER_PRUNE_EVERY) => state.limits.prune(),
-                        _ = stop.cancelled() => return,
-                    }
+                while pace::sleep(LIMITER_PRUNE_EVERY, &stop).await {
+                    state.limits.prune();
                 }
             });
-            workers.spawn(crate::stock::events::listen(
+            workers.spawn(crate::promotions::events::listen(
                 self.state.settings.redis_url.clone(),
-                self.state.keys.clone(),
+                self.state.store.keys().clone(),
                 self.state.cache.clone(),
                 token.clone(),
             ));
@@ -238,48 +210,4 @@ impl App {
         tracing::info!("stopped");
         Ok(())
     }
-}
-
-/// A pool on `settings.database_url`, creating the database when absent.
-pub async fn connect_db(settings: &Settings) -> anyhow::Result<PgPool> {
-    let url = &settings.database_url;
-    if !Postgres::database_exists(url)
-        .await
-        .context("failed to reach postgresql")?
-    {
-        Postgres::create_database(url)
-            .await
-            .context("failed to create the database")?;
-        tracing::info!("created the database");
-    }
-    PgPoolOptions::new()
-        .max_connections(settings.db_max_connections)
-        .acquire_timeout(Duration::from_secs(2))
-        .connect(url)
-        .await
-        .context("failed to connect to postgresql")
-}
-
-/// Applies the migrations in `migrations/` that are not applied yet.
-pub async fn migrate(db: &PgPool) -> anyhow::Result<()> {
-    sqlx::migrate!("./migrations")
-        .run(db)
-        .await
-        .context("failed to apply migrations")
-}
-
-/// A multiplexed Redis connection with the given response timeout.
-pub async fn connect_redis(
-    url: &str,
-    response_timeout: Duration,
-) -> anyhow::Result<ConnectionManager> {
-    let client = redis::Client::open(url).context("invalid redis url")?;
-    let config = ConnectionManagerConfig::new()
-        .set_response_timeout(Some(response_timeout))
-        .set_connection_timeout(Some(Duration::from_secs(1)))
-        .set_number_of_retries(1)
-        .set_max_delay(Duration::from_millis(500));
-    ConnectionManager::new_with_config(client, config)
-        .await
-        .context("failed to connect to redis")
 }

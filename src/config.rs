@@ -1,15 +1,19 @@
 //! Settings, read once from the environment at start-up.
 //!
 //! Every knob is an `ENV_X` / `DEFAULT_X` pair with the reason for the default
-//! beside it. A value that does not parse stops the program with a message that
-//! names the variable. Tests build [`Settings`] directly instead of setting
+//! beside it; the defaults live here and nowhere else in the code
+//! (`Settings::default()` is the parser with nothing set), and
+//! `docs/configuration.md` is the one document that lists them. Every value
+//! that does not parse or makes no sense is reported in one start-up error
+//! naming each variable. Tests build [`Settings`] directly instead of setting
 //! environment variables.
 
-use std::net::SocketAddr;
+use std::cell::RefCell;
+use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use ipnet::IpNet;
 
 /// Address the gateway binds; `127.0.0.1:0` picks a free port.
 const ENV_LISTEN: &str = "SECKILL_LISTEN";
@@ -234,52 +238,90 @@ impl FromStr for LogFormat {
 }
 
 impl Default for Settings {
-    /// The development defaults, as documented in the README.
+    /// The settings with no variable set: the development defaults.
     fn default() -> Self {
-        Settings {
-            listen: DEFAULT_LISTEN.parse().expect("default listen address"),
-            worker_listen: None,
-            redis_url: DEFAULT_REDIS_URL.into(),
-            database_url: DEFAULT_DATABASE_URL.into(),
-            key_prefix: DEFAULT_KEY_PREFIX.into(),
-            jwt_secret: DEV_JWT_SECRET.into(),
-            admin_token: DEV_ADMIN_TOKEN.into(),
-            payment_timeout: Duration::from_secs(DEFAULT_PAYMENT_TIMEOUT_SECS),
-            sweep_interval: Duration::from_millis(DEFAULT_SWEEP_INTERVAL_MS),
-            reconcile_interval: Duration::from_millis(DEFAULT_RECONCILE_INTERVAL_MS),
-            rate_global: DEFAULT_RATE_GLOBAL,
-            rate_user: DEFAULT_RATE_USER,
-            rate_ip: DEFAULT_RATE_IP,
-            trusted_proxies: crate::limit::parse_trusted(DEFAULT_TRUSTED_PROXIES)
-                .expect("default trusted proxies parse"),
-            max_connections: DEFAULT_MAX_CONNECTIONS,
-            token_ttl: Duration::from_secs(DEFAULT_TOKEN_TTL_SECS),
-            token_cap_multiple: DEFAULT_TOKEN_CAP_MULTIPLE,
-            token_secret: derive_token_secret(DEV_JWT_SECRET),
-            captcha_ttl: Duration::from_secs(DEFAULT_CAPTCHA_TTL_SECS),
-            threads: DEFAULT_THREADS,
-            db_max_connections: DEFAULT_DB_MAX_CONNECTIONS,
-            workers: DEFAULT_WORKERS,
-            worker_batch: DEFAULT_WORKER_BATCH,
-            worker_block: Duration::from_millis(DEFAULT_WORKER_BLOCK_MS),
-            claim_idle: Duration::from_millis(DEFAULT_CLAIM_IDLE_MS),
-            max_inflight: DEFAULT_MAX_INFLIGHT,
-            purchase_batch: DEFAULT_PURCHASE_BATCH,
-            cache_ttl: Duration::from_millis(DEFAULT_CACHE_TTL_MS),
-            sold_out_ttl: Duration::from_millis(DEFAULT_SOLD_OUT_TTL_MS),
-            header_timeout: Duration::from_millis(DEFAULT_HEADER_TIMEOUT_MS),
-            body_timeout: Duration::from_millis(DEFAULT_BODY_TIMEOUT_MS),
-            shutdown_grace: Duration::from_millis(DEFAULT_SHUTDOWN_GRACE_MS),
-            redis_timeout: Duration::from_millis(DEFAULT_REDIS_TIMEOUT_MS),
-            log_format: LogFormat::Text,
-            lua_dir: None,
+        Settings::from_lookup(|_| None).expect("the defaults are valid settings")
+    }
+}
+
+/// Reads variables through a lookup, keeping every error instead of stopping
+/// at the first, and the name of every variable read.
+struct Reader<L> {
+    lookup: L,
+    errors: RefCell<Vec<String>>,
+    read: RefCell<Vec<&'static str>>,
+}
+
+impl<L: Fn(&str) -> Option<String>> Reader<L> {
+    fn new(lookup: L) -> Self {
+        Reader {
+            lookup,
+            errors: RefCell::new(Vec::new()),
+            read: RefCell::new(Vec::new()),
+        }
+    }
+
+    /// The raw value of `name`.
+    fn raw(&self, name: &'static str) -> Option<String> {
+        self.read.borrow_mut().push(name);
+        (self.lookup)(name)
+    }
+
+    /// The raw value of `name`, where empty means unset.
+    fn optional(&self, name: &'static str) -> Option<String> {
+        self.raw(name).filter(|v| !v.trim().is_empty())
+    }
+
+    fn text(&self, name: &'static str, default: &str) -> String {
+        self.raw(name).unwrap_or_else(|| default.to_string())
+    }
+
+    /// `name` parsed as `T`; on a bad value the error is noted and the
+    /// default stands in, so the other variables are still checked.
+    fn parse<T, D>(&self, name: &'static str, default: D) -> T
+    where
+        T: FromStr,
+        T::Err: std::fmt::Display,
+        D: ToString,
+    {
+        let default = default.to_string();
+        let fallback = || {
+            default
+                .parse()
+                .unwrap_or_else(|_| panic!("the default of {name} (`{default}`) does not parse"))
+        };
+        match self.raw(name) {
+            None => fallback(),
+            Some(raw) => raw.trim().parse().unwrap_or_else(|e| {
+                self.error(name, format!("invalid value `{raw}`: {e}"));
+                fallback()
+            }),
+        }
+    }
+
+    fn millis(&self, name: &'static str, default: u64) -> Duration {
+        Duration::from_millis(self.parse(name, default))
+    }
+
+    fn secs(&self, name: &'static str, default: u64) -> Duration {
+        Duration::from_secs(self.parse(name, default))
+    }
+
+    fn error(&self, name: &str, message: impl std::fmt::Display) {
+        self.errors.borrow_mut().push(format!("{name}: {message}"));
+    }
+
+    /// Notes an error for `name` unless `ok`.
+    fn check(&self, ok: bool, name: &str, message: &str) {
+        if !ok {
+            self.error(name, message);
         }
     }
 }
 
 impl Settings {
-    /// Reads every variable once; the first one that does not parse is an
-    /// error naming it.
+    /// Reads every variable once; every one that does not parse or makes no
+    /// sense is named in the error.
     pub fn from_env() -> anyhow::Result<Settings> {
         Self::from_lookup(|name| std::env::var(name).ok())
     }
@@ -287,122 +329,120 @@ impl Settings {
     /// Reads the settings through `lookup`, so the parsing is testable
     /// without touching the process environment.
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> anyhow::Result<Settings> {
-        let get = |name: &str, default: &str| lookup(name).unwrap_or_else(|| default.to_string());
-        let settings = Settings {
-            listen: parse(&lookup, ENV_LISTEN, DEFAULT_LISTEN)?,
-            worker_listen: match lookup(ENV_WORKER_LISTEN).filter(|v| !v.is_empty()) {
-                Some(v) => Some(
-                    v.parse()
-                        .with_context(|| format!("invalid value `{v}` for {ENV_WORKER_LISTEN}"))?,
-                ),
-                None => None,
-            },
-            redis_url: get(ENV_REDIS_URL, DEFAULT_REDIS_URL),
-            database_url: get(ENV_DATABASE_URL, DEFAULT_DATABASE_URL),
-            key_prefix: get(ENV_KEY_PREFIX, DEFAULT_KEY_PREFIX),
-            jwt_secret: get(ENV_JWT_SECRET, DEV_JWT_SECRET),
-            admin_token: get(ENV_ADMIN_TOKEN, DEV_ADMIN_TOKEN),
-            payment_timeout: Duration::from_secs(parse(
-                &lookup,
-                ENV_PAYMENT_TIMEOUT_SECS,
-                DEFAULT_PAYMENT_TIMEOUT_SECS,
-            )?),
-            sweep_interval: millis(&lookup, ENV_SWEEP_INTERVAL_MS, DEFAULT_SWEEP_INTERVAL_MS)?,
-            reconcile_interval: millis(
-                &lookup,
-                ENV_RECONCILE_INTERVAL_MS,
-                DEFAULT_RECONCILE_INTERVAL_MS,
-            )?,
-            rate_global: parse(&lookup, ENV_RATE_GLOBAL, DEFAULT_RATE_GLOBAL)?,
-            rate_user: parse(&lookup, ENV_RATE_USER, DEFAULT_RATE_USER)?,
-            rate_ip: parse(&lookup, ENV_RATE_IP, DEFAULT_RATE_IP)?,
-            trusted_proxies: {
-                let raw = get(ENV_TRUSTED_PROXIES, DEFAULT_TRUSTED_PROXIES);
-                crate::limit::parse_trusted(&raw)
-                    .map_err(|e| anyhow::anyhow!("invalid value for {ENV_TRUSTED_PROXIES}: {e}"))?
-            },
-            max_connections: parse(&lookup, ENV_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS)?,
-            token_ttl: Duration::from_secs(parse(
-                &lookup,
-                ENV_TOKEN_TTL_SECS,
-                DEFAULT_TOKEN_TTL_SECS,
-            )?),
-            token_cap_multiple: parse(&lookup, ENV_TOKEN_CAP_MULTIPLE, DEFAULT_TOKEN_CAP_MULTIPLE)?,
-            token_secret: lookup(ENV_TOKEN_SECRET)
-                .unwrap_or_else(|| derive_token_secret(&get(ENV_JWT_SECRET, DEV_JWT_SECRET))),
-            captcha_ttl: Duration::from_secs(parse(
-                &lookup,
-                ENV_CAPTCHA_TTL_SECS,
-                DEFAULT_CAPTCHA_TTL_SECS,
-            )?),
-            threads: parse(&lookup, ENV_THREADS, DEFAULT_THREADS)?,
-            db_max_connections: parse(&lookup, ENV_DB_MAX_CONNECTIONS, DEFAULT_DB_MAX_CONNECTIONS)?,
-            workers: parse(&lookup, ENV_WORKERS, DEFAULT_WORKERS)?,
-            worker_batch: parse(&lookup, ENV_WORKER_BATCH, DEFAULT_WORKER_BATCH)?,
-            worker_block: millis(&lookup, ENV_WORKER_BLOCK_MS, DEFAULT_WORKER_BLOCK_MS)?,
-            claim_idle: millis(&lookup, ENV_CLAIM_IDLE_MS, DEFAULT_CLAIM_IDLE_MS)?,
-            max_inflight: parse(&lookup, ENV_MAX_INFLIGHT, DEFAULT_MAX_INFLIGHT)?,
-            purchase_batch: parse(&lookup, ENV_PURCHASE_BATCH, DEFAULT_PURCHASE_BATCH)?,
-            cache_ttl: millis(&lookup, ENV_CACHE_TTL_MS, DEFAULT_CACHE_TTL_MS)?,
-            sold_out_ttl: millis(&lookup, ENV_SOLD_OUT_TTL_MS, DEFAULT_SOLD_OUT_TTL_MS)?,
-            header_timeout: millis(&lookup, ENV_HEADER_TIMEOUT_MS, DEFAULT_HEADER_TIMEOUT_MS)?,
-            body_timeout: millis(&lookup, ENV_BODY_TIMEOUT_MS, DEFAULT_BODY_TIMEOUT_MS)?,
-            shutdown_grace: millis(&lookup, ENV_SHUTDOWN_GRACE_MS, DEFAULT_SHUTDOWN_GRACE_MS)?,
-            redis_timeout: millis(&lookup, ENV_REDIS_TIMEOUT_MS, DEFAULT_REDIS_TIMEOUT_MS)?,
+        let (settings, reader) = Self::read(lookup);
+        let errors = reader.errors.into_inner();
+        if errors.is_empty() {
+            Ok(settings)
+        } else {
+            anyhow::bail!("invalid configuration:\n  {}", errors.join("\n  "))
+        }
+    }
+
+    /// The names of every variable the settings are read from.
+    pub fn variables() -> Vec<&'static str> {
+        let (_, reader) = Self::read(|_| None);
+        reader.read.into_inner()
+    }
+
+    fn read<L: Fn(&str) -> Option<String>>(lookup: L) -> (Settings, Reader<L>) {
+        let r = Reader::new(lookup);
+        let jwt_secret = r.text(ENV_JWT_SECRET, DEV_JWT_SECRET);
+        let trusted_proxies = parse_trusted(&r.text(ENV_TRUSTED_PROXIES, DEFAULT_TRUSTED_PROXIES))
+            .unwrap_or_else(|e| {
+                r.error(ENV_TRUSTED_PROXIES, e);
+                Vec::new()
+            });
+        let worker_listen = r.optional(ENV_WORKER_LISTEN).and_then(|v| {
+            v.trim()
+                .parse()
+                .map_err(|e| r.error(ENV_WORKER_LISTEN, format!("invalid value `{v}`: {e}")))
+                .ok()
+        });
+        let mut settings = Settings {
+            listen: r.parse(ENV_LISTEN, DEFAULT_LISTEN),
+            worker_listen,
+            redis_url: r.text(ENV_REDIS_URL, DEFAULT_REDIS_URL),
+            database_url: r.text(ENV_DATABASE_URL, DEFAULT_DATABASE_URL),
+            key_prefix: r.text(ENV_KEY_PREFIX, DEFAULT_KEY_PREFIX),
+            token_secret: r
+                .raw(ENV_TOKEN_SECRET)
+                .unwrap_or_else(|| derive_token_secret(&jwt_secret)),
+            jwt_secret,
+            admin_token: r.text(ENV_ADMIN_TOKEN, DEV_ADMIN_TOKEN),
+            payment_timeout: r.secs(ENV_PAYMENT_TIMEOUT_SECS, DEFAULT_PAYMENT_TIMEOUT_SECS),
+            sweep_interval: r.millis(ENV_SWEEP_INTERVAL_MS, DEFAULT_SWEEP_INTERVAL_MS),
+            reconcile_interval: r.millis(ENV_RECONCILE_INTERVAL_MS, DEFAULT_RECONCILE_INTERVAL_MS),
+            rate_global: r.parse(ENV_RATE_GLOBAL, DEFAULT_RATE_GLOBAL),
+            rate_user: r.parse(ENV_RATE_USER, DEFAULT_RATE_USER),
+            rate_ip: r.parse(ENV_RATE_IP, DEFAULT_RATE_IP),
+            trusted_proxies,
+            max_connections: r.parse(ENV_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS),
+            token_ttl: r.secs(ENV_TOKEN_TTL_SECS, DEFAULT_TOKEN_TTL_SECS),
+            token_cap_multiple: r.parse(ENV_TOKEN_CAP_MULTIPLE, DEFAULT_TOKEN_CAP_MULTIPLE),
+            captcha_ttl: r.secs(ENV_CAPTCHA_TTL_SECS, DEFAULT_CAPTCHA_TTL_SECS),
+            threads: r.parse(ENV_THREADS, DEFAULT_THREADS),
+            db_max_connections: r.parse(ENV_DB_MAX_CONNECTIONS, DEFAULT_DB_MAX_CONNECTIONS),
+            workers: r.parse(ENV_WORKERS, DEFAULT_WORKERS),
+            worker_batch: r.parse(ENV_WORKER_BATCH, DEFAULT_WORKER_BATCH),
+            worker_block: r.millis(ENV_WORKER_BLOCK_MS, DEFAULT_WORKER_BLOCK_MS),
+            claim_idle: r.millis(ENV_CLAIM_IDLE_MS, DEFAULT_CLAIM_IDLE_MS),
+            max_inflight: r.parse(ENV_MAX_INFLIGHT, DEFAULT_MAX_INFLIGHT),
+            purchase_batch: r.parse(ENV_PURCHASE_BATCH, DEFAULT_PURCHASE_BATCH),
+            cache_ttl: r.millis(ENV_CACHE_TTL_MS, DEFAULT_CACHE_TTL_MS),
+            sold_out_ttl: r.millis(ENV_SOLD_OUT_TTL_MS, DEFAULT_SOLD_OUT_TTL_MS),
+            header_timeout: r.millis(ENV_HEADER_TIMEOUT_MS, DEFAULT_HEADER_TIMEOUT_MS),
+            body_timeout: r.millis(ENV_BODY_TIMEOUT_MS, DEFAULT_BODY_TIMEOUT_MS),
+            shutdown_grace: r.millis(ENV_SHUTDOWN_GRACE_MS, DEFAULT_SHUTDOWN_GRACE_MS),
+            redis_timeout: r.millis(ENV_REDIS_TIMEOUT_MS, DEFAULT_REDIS_TIMEOUT_MS),
             log_format: LogFormat::Text,
-            lua_dir: lookup(ENV_LUA_DIR)
-                .filter(|d| !d.is_empty())
-                .map(std::path::PathBuf::from),
+            lua_dir: r.optional(ENV_LUA_DIR).map(std::path::PathBuf::from),
         };
-        let mut settings = settings;
+        // JSON logs by default once real secrets are configured (production).
         let default_format = if settings.insecure_secrets().is_empty() {
             "json"
         } else {
             "text"
         };
-        settings.log_format = parse(&lookup, ENV_LOG_FORMAT, default_format)?;
-        settings.validate()?;
-        Ok(settings)
+        settings.log_format = r.parse(ENV_LOG_FORMAT, default_format);
+        settings.validate(&r);
+        (settings, r)
     }
 
-    fn validate(&self) -> anyhow::Result<()> {
-        if self.key_prefix.is_empty() || self.key_prefix.contains(['{', '}', ' ']) {
-            bail!("{ENV_KEY_PREFIX} must be non-empty, without braces or spaces");
+    /// Notes every setting that parsed but makes no sense.
+    fn validate<L: Fn(&str) -> Option<String>>(&self, r: &Reader<L>) {
+        r.check(
+            !self.key_prefix.is_empty() && !self.key_prefix.contains(['{', '}', ' ']),
+            ENV_KEY_PREFIX,
+            "must be non-empty, without braces or spaces",
+        );
+        r.check(
+            !self.jwt_secret.is_empty(),
+            ENV_JWT_SECRET,
+            "must not be empty",
+        );
+        r.check(
+            !self.admin_token.is_empty(),
+            ENV_ADMIN_TOKEN,
+            "must not be empty",
+        );
+        r.check(
+            self.workers > 0,
+            ENV_WORKERS,
+            "must be at least 1 (use `serve --no-workers` to run none)",
+        );
+        for (ok, name) in [
+            (self.worker_batch > 0, ENV_WORKER_BATCH),
+            (self.max_connections > 0, ENV_MAX_CONNECTIONS),
+            (self.token_cap_multiple > 0, ENV_TOKEN_CAP_MULTIPLE),
+            (!self.token_ttl.is_zero(), ENV_TOKEN_TTL_SECS),
+            (!self.captcha_ttl.is_zero(), ENV_CAPTCHA_TTL_SECS),
+            (!self.redis_timeout.is_zero(), ENV_REDIS_TIMEOUT_MS),
+            (self.purchase_batch > 0, ENV_PURCHASE_BATCH),
+            (self.max_inflight > 0, ENV_MAX_INFLIGHT),
+            (self.db_max_connections > 0, ENV_DB_MAX_CONNECTIONS),
+        ] {
+            r.check(ok, name, "must be at least 1");
         }
-        if self.jwt_secret.is_empty() {
-            bail!("{ENV_JWT_SECRET} must not be empty");
-        }
-        if self.admin_token.is_empty() {
-            bail!("{ENV_ADMIN_TOKEN} must not be empty");
-        }
-        if self.workers == 0 {
-            bail!("{ENV_WORKERS} must be at least 1 (use `serve --no-workers` to run none)");
-        }
-        if self.worker_batch == 0 {
-            bail!("{ENV_WORKER_BATCH} must be at least 1");
-        }
-        if self.max_connections == 0 {
-            bail!("{ENV_MAX_CONNECTIONS} must be at least 1");
-        }
-        if self.token_cap_multiple == 0 {
-            bail!("{ENV_TOKEN_CAP_MULTIPLE} must be at least 1");
-        }
-        if self.token_ttl.is_zero() || self.captcha_ttl.is_zero() {
-            bail!("{ENV_TOKEN_TTL_SECS} and {ENV_CAPTCHA_TTL_SECS} must be at least 1");
-        }
-        if self.redis_timeout.is_zero() {
-            bail!("{ENV_REDIS_TIMEOUT_MS} must be at least 1");
-        }
-        if self.purchase_batch == 0 {
-            bail!("{ENV_PURCHASE_BATCH} must be at least 1");
-        }
-        if self.max_inflight == 0 {
-            bail!("{ENV_MAX_INFLIGHT} must be at least 1");
-        }
-        if self.db_max_connections == 0 {
-            bail!("{ENV_DB_MAX_CONNECTIONS} must be at least 1");
-        }
-        Ok(())
     }
 
     /// Whether a development secret is in use (start-up warns loudly).
@@ -426,29 +466,17 @@ fn derive_token_secret(jwt_secret: &str) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn parse<T, D>(
-    lookup: &impl Fn(&str) -> Option<String>,
-    name: &str,
-    default: D,
-) -> anyhow::Result<T>
-where
-    T: FromStr,
-    T::Err: std::fmt::Display,
-    D: ToString,
-{
-    let raw = lookup(name).unwrap_or_else(|| default.to_string());
-    raw.trim()
-        .parse::<T>()
-        .map_err(|e| anyhow::anyhow!("{e}"))
-        .with_context(|| format!("invalid value `{raw}` for {name}"))
-}
-
-fn millis(
-    lookup: &impl Fn(&str) -> Option<String>,
-    name: &str,
-    default: u64,
-) -> anyhow::Result<Duration> {
-    parse::<u64, u64>(lookup, name, default).map(Duration::from_millis)
+/// Parses `SECKILL_TRUSTED_PROXIES`: comma-separated addresses or CIDR blocks.
+pub fn parse_trusted(list: &str) -> Result<Vec<IpNet>, String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                .map_err(|_| format!("`{s}` is not an IP address or CIDR block"))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -498,6 +526,50 @@ mod tests {
         })
         .unwrap();
         assert!(s.insecure_secrets().is_empty());
+    }
+
+    #[test]
+    fn every_bad_variable_is_named_in_one_error() {
+        let err = Settings::from_lookup(|n| match n {
+            ENV_WORKER_BATCH => Some("lots".into()),
+            ENV_RATE_IP => Some("-1".into()),
+            ENV_TRUSTED_PROXIES => Some("nonsense".into()),
+            ENV_MAX_INFLIGHT => Some("0".into()),
+            _ => None,
+        })
+        .unwrap_err();
+        let text = format!("{err:#}");
+        for name in [
+            ENV_WORKER_BATCH,
+            ENV_RATE_IP,
+            ENV_TRUSTED_PROXIES,
+            ENV_MAX_INFLIGHT,
+        ] {
+            assert!(text.contains(name), "{name} missing from: {text}");
+        }
+    }
+
+    #[test]
+    fn bad_trusted_proxy_lists_are_refused() {
+        assert!(parse_trusted("10.0.0.0/8,nonsense").is_err());
+        assert_eq!(parse_trusted("").unwrap(), vec![]);
+        assert_eq!(parse_trusted(" 127.0.0.1 ").unwrap().len(), 1);
+    }
+
+    /// `docs/configuration.md` is where operators look: every variable the
+    /// settings are read from is listed there, spelled as the code reads it.
+    #[test]
+    fn every_variable_read_is_documented() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/configuration.md");
+        let doc = std::fs::read_to_string(path).expect("docs/configuration.md exists");
+        let variables = Settings::variables();
+        assert!(variables.len() > 30, "{variables:?}");
+        for name in variables {
+            assert!(
+                doc.contains(&format!("`{name}`")),
+                "{name} is read by the code but not documented in docs/configuration.md"
+            );
+        }
     }
 
     #[test]

@@ -7,24 +7,35 @@
 //!
 //! # Layout
 //!
+//! Dependencies run one way, from the top of this list down.
+//!
+//! - [`app`]: building the stores and the listener; running gateway and
+//!   workers until shutdown.
+//! - [`http`]: the hyper server, routing, the shared handler state, the
+//!   handlers, and the one mapping of outcomes to statuses.
+//! - [`recovery`]: rebuilding Redis from PostgreSQL; reconciling the two.
+//! - [`promotions`]: the promotion record and table, the admin workflows,
+//!   the local cache and its invalidation listener.
+//! - [`orders`]: the stream workers, the order lifecycle, the `orders` table.
+//! - [`stock`]: the Redis store (every Redis command), key names, the Lua
+//!   scripts and their return codes, the order message, the purchase
+//!   coalescer.
+//! - [`db`]: the PostgreSQL pool and migrations.
 //! - [`config`]: settings, read once from the environment.
-//! - [`app`]: building the pools and listener; running gateway and workers
-//!   until shutdown.
-//! - [`http`]: the hyper server, routing, handlers, and the one mapping of
-//!   errors to statuses.
-//! - [`stock`]: Redis key names and one typed function per Lua script.
-//! - [`promotions`]: the promotion record, admin CRUD storage, the local cache.
-//! - [`orders`]: the stream worker and the `orders` table.
-//! - [`auth`]: user JWTs and the admin token.
+//! - [`auth`], [`admission`], [`limit`]: user JWTs and the admin token;
+//!   admission tokens and captchas; rate limits.
+//! - [`pace`]: the cancellable sleep and the backoff of background loops.
 //! - [`telemetry`]: logging and metrics.
 
 pub mod admission;
 pub mod app;
 pub mod auth;
 pub mod config;
+pub mod db;
 pub mod http;
 pub mod limit;
 pub mod orders;
+pub mod pace;
 pub mod promotions;
 pub mod recovery;
 pub mod stock;

@@ -6,11 +6,11 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use seckill::app::{self, App, Role};
+use seckill::app::{App, Role};
 use seckill::auth::Auth;
 use seckill::config::Settings;
 use seckill::recovery;
-use seckill::stock::Keys;
+use seckill::stock::{ConnectOptions, Keys, Store};
 
 #[derive(Parser)]
 #[command(name = "seckill", version, about = "A flash-sale gateway")]
@@ -120,8 +120,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 .await?;
         }
         Command::Migrate => {
-            let db = app::connect_db(&settings).await?;
-            app::migrate(&db).await?;
+            let db = seckill::db::connect(&settings.database_url, 1).await?;
+            seckill::db::migrate(&db).await?;
             println!("migrations applied");
         }
         Command::Token { user, ttl } => {
@@ -164,8 +164,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Reconcile { promotion } => {
-            let (db, redis, keys) = stores(&settings).await?;
-            let rows = recovery::reconcile(&db, &redis, &keys, promotion, true).await?;
+            let (db, store) = stores(&settings).await?;
+            let rows = recovery::reconcile(&db, &store, promotion, true).await?;
             print!("{}", recovery::table(&rows));
             if rows.iter().any(|r| r.drift != 0) {
                 println!("drift found");
@@ -174,8 +174,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             println!("no drift");
         }
         Command::Recover { promotion } => {
-            let (db, redis, keys) = stores(&settings).await?;
-            let rows = recovery::recover(&db, &redis, &keys, promotion).await?;
+            let (db, store) = stores(&settings).await?;
+            let rows = recovery::recover(&db, &store, promotion).await?;
             println!(
                 "{:>10} {:>9} {:>10} {:>10} {:>9}",
                 "promotion", "rebuilt", "remaining", "sold", "returned"
@@ -195,14 +195,21 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// PostgreSQL (migrated), Redis and the key names, for the ops commands.
-async fn stores(
-    settings: &Settings,
-) -> anyhow::Result<(sqlx::PgPool, redis::aio::ConnectionManager, Keys)> {
-    let db = app::connect_db(settings).await?;
-    app::migrate(&db).await?;
-    let redis = app::connect_redis(&settings.redis_url, std::time::Duration::from_secs(10)).await?;
-    Ok((db, redis, Keys::new(settings.key_prefix.clone())))
+/// Reply timeout of the ops commands' Redis connection: they read whole
+/// streams and hashes, which may take longer than a purchase script.
+const OPS_REDIS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// PostgreSQL (migrated) and Redis, for the ops commands.
+async fn stores(settings: &Settings) -> anyhow::Result<(sqlx::PgPool, Store)> {
+    let db = seckill::db::connect(&settings.database_url, settings.db_max_connections).await?;
+    seckill::db::migrate(&db).await?;
+    let store = Store::connect(
+        &settings.redis_url,
+        Keys::new(settings.key_prefix.clone()),
+        ConnectOptions::commands(OPS_REDIS_TIMEOUT),
+    )
+    .await?;
+    Ok((db, store))
 }
 
 fn warn_insecure(settings: &Settings) {

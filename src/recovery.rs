@@ -7,19 +7,17 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
+use std::time::Duration;
 
 use anyhow::Context;
 use chrono::Utc;
-use redis::aio::ConnectionManager;
-use redis::streams::StreamRangeReply;
 use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
 
-use crate::orders::OrderMessage;
+use crate::orders::{OrderStatus, repo as orders};
+use crate::pace;
 use crate::promotions::{Promotion, repo};
-use crate::stock::{Keys, scripts};
-
-/// Members written per Redis command while refilling a hash or set.
-const CHUNK: usize = 1000;
+use crate::stock::Store;
 
 /// What recovery did for one promotion.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,65 +47,36 @@ async fn targets(db: &PgPool, only: Option<i64>) -> anyhow::Result<Vec<Promotion
 /// as it is.
 pub async fn recover(
     db: &PgPool,
-    redis: &ConnectionManager,
-    keys: &Keys,
+    store: &Store,
     only: Option<i64>,
 ) -> anyhow::Result<Vec<Recovered>> {
     let mut out = Vec::new();
     for p in targets(db, only).await? {
-        out.push(recover_one(db, redis, keys, &p).await?);
+        out.push(recover_one(db, store, &p).await?);
     }
     Ok(out)
 }
 
-#[derive(sqlx::FromRow)]
-struct StoredOrder {
-    order_id: String,
-    user_id: i64,
-    seq: i64,
-    status: String,
-}
-
-async fn recover_one(
-    db: &PgPool,
-    redis: &ConnectionManager,
-    keys: &Keys,
-    p: &Promotion,
-) -> anyhow::Result<Recovered> {
-    let mut conn = redis.clone();
-    let k = keys.promotion(p.id);
-    let live = scripts::counters(&mut conn, keys, p.id).await?;
-    let has_meta: bool = redis::cmd("EXISTS")
-        .arg(&k.meta)
-        .query_async(&mut conn)
+async fn recover_one(db: &PgPool, store: &Store, p: &Promotion) -> anyhow::Result<Recovered> {
+    let live = store
+        .counters(p.id)
         .await
         .context("failed to check the promotion's redis state")?;
-    if has_meta {
-        let returned: i64 = redis::cmd("HGET")
-            .arg(&k.meta)
-            .arg("returned")
-            .query_async::<Option<i64>>(&mut conn)
-            .await?
-            .unwrap_or(0);
+    if live.has_meta {
         return Ok(Recovered {
             promotion_id: p.id,
             rebuilt: false,
             remaining: live.remaining.unwrap_or(0),
             sold: live.sold,
-            returned,
+            returned: live.returned,
         });
     }
 
     // The stream first, then PostgreSQL: an entry persisted (and deleted
     // from the stream) in between is then seen in PostgreSQL, and one seen
     // in both is counted once.
-    let in_stream = stream_orders(&mut conn, &k.orders).await?;
-    let stored: Vec<StoredOrder> =
-        sqlx::query_as("SELECT order_id, user_id, seq, status FROM orders WHERE promotion_id = $1")
-            .bind(p.id)
-            .fetch_all(db)
-            .await
-            .context("failed to read the promotion's orders")?;
+    let in_stream = store.stream_orders(p.id).await?;
+    let stored = orders::of_promotion(db, p.id).await?;
 
     let mut seen: HashSet<String> = HashSet::new();
     // user → (units bought, latest order id and its seq)
@@ -124,7 +93,7 @@ async fn recover_one(
     for o in &stored {
         seen.insert(o.order_id.clone());
         count(o.user_id, o.seq, &o.order_id);
-        if o.status == "cancelled" {
+        if o.status == OrderStatus::Cancelled {
             returned_ids.push(o.order_id.clone());
         }
     }
@@ -136,46 +105,16 @@ async fn recover_one(
     let sold = seen.len() as i64;
     let returned = returned_ids.len() as i64;
 
-    let buyer_list: Vec<(i64, (i64, i64, String))> = buyers.into_iter().collect();
-    for chunk in buyer_list.chunks(CHUNK) {
-        let counts: Vec<(i64, i64)> = chunk.iter().map(|(u, (n, _, _))| (*u, *n)).collect();
-        let latest: Vec<(i64, &str)> = chunk
-            .iter()
-            .map(|(u, (_, _, o))| (*u, o.as_str()))
-            .collect();
-        redis::pipe()
-            .hset_multiple(&k.buyers, &counts)
-            .ignore()
-            .hset_multiple(&k.results, &latest)
-            .ignore()
-            .exec_async(&mut conn)
-            .await
-            .context("failed to restore the buyers")?;
-    }
-    for chunk in returned_ids.chunks(CHUNK) {
-        redis::cmd("SADD")
-            .arg(&k.returned)
-            .arg(chunk)
-            .exec_async(&mut conn)
-            .await
-            .context("failed to restore the returned orders")?;
-    }
-    let rebuilt = scripts::recover(&mut conn, keys, &p.meta(), sold, returned).await?;
-    redis::cmd("SADD")
-        .arg(keys.live_promotions())
-        .arg(p.id)
-        .exec_async(&mut conn)
-        .await
-        .context("failed to register the promotion's order stream")?;
+    let buyer_list: Vec<(i64, i64, &str)> = buyers
+        .iter()
+        .map(|(user, (n, _, latest))| (*user, *n, latest.as_str()))
+        .collect();
+    store.restore_buyers(p.id, &buyer_list).await?;
+    store.restore_returned(p.id, &returned_ids).await?;
+    let rebuilt = store.recover(&p.meta(), sold, returned).await?;
+    store.add_live(p.id).await?;
     // Every cancelled order's unit is counted in the rebuilt stock.
-    sqlx::query(
-        "UPDATE orders SET restocked_at = now() \
-         WHERE promotion_id = $1 AND status = 'cancelled' AND restocked_at IS NULL",
-    )
-    .bind(p.id)
-    .execute(db)
-    .await
-    .context("failed to record the returned units")?;
+    orders::mark_all_restocked(db, p.id).await?;
     let remaining = (p.stock - sold + returned).max(0);
     if rebuilt {
         tracing::warn!(
@@ -193,40 +132,6 @@ async fn recover_one(
         sold,
         returned,
     })
-}
-
-/// The order messages still in a stream (empty when the stream is gone).
-async fn stream_orders(
-    conn: &mut ConnectionManager,
-    stream: &str,
-) -> anyhow::Result<Vec<OrderMessage>> {
-    let mut out = Vec::new();
-    let mut start = "-".to_string();
-    loop {
-        let page: StreamRangeReply = redis::cmd("XRANGE")
-            .arg(stream)
-            .arg(&start)
-            .arg("+")
-            .arg("COUNT")
-            .arg(CHUNK)
-            .query_async(conn)
-            .await
-            .context("failed to read the order stream")?;
-        let Some(last) = page.ids.last().map(|e| e.id.clone()) else {
-            break;
-        };
-        let full = page.ids.len() == CHUNK;
-        out.extend(
-            page.ids
-                .iter()
-                .filter_map(|e| OrderMessage::from_fields(&e.map)),
-        );
-        if !full {
-            break;
-        }
-        start = format!("({last}");
-    }
-    Ok(out)
 }
 
 /// Redis and PostgreSQL side by side for one promotion.
@@ -258,14 +163,13 @@ pub struct Reconciliation {
 /// Redis: the CLI does it, the periodic metric does not.
 pub async fn reconcile(
     db: &PgPool,
-    redis: &ConnectionManager,
-    keys: &Keys,
+    store: &Store,
     only: Option<i64>,
     check_buyers: bool,
 ) -> anyhow::Result<Vec<Reconciliation>> {
     let mut out = Vec::new();
     for p in targets(db, only).await? {
-        out.push(reconcile_one(db, redis, keys, &p, check_buyers).await?);
+        out.push(reconcile_one(db, store, &p, check_buyers).await?);
     }
     for r in &out {
         metrics::gauge!("seckill_reconcile_drift", "promotion" => r.promotion_id.to_string())
@@ -276,70 +180,48 @@ pub async fn reconcile(
 
 async fn reconcile_one(
     db: &PgPool,
-    redis: &ConnectionManager,
-    keys: &Keys,
+    store: &Store,
     p: &Promotion,
     check_buyers: bool,
 ) -> anyhow::Result<Reconciliation> {
-    let mut conn = redis.clone();
-    let k = keys.promotion(p.id);
-    let in_stream = stream_orders(&mut conn, &k.orders).await?;
-    let (remaining, sold, returned): (Option<i64>, Option<i64>, Option<i64>) = redis::pipe()
-        .get(&k.stock)
-        .hget(&k.meta, "sold")
-        .hget(&k.meta, "returned")
-        .query_async(&mut conn)
+    let in_stream = store.stream_orders(p.id).await?;
+    let live = store
+        .counters(p.id)
         .await
         .context("failed to read the promotion's redis state")?;
-    let bought: Vec<i64> = if check_buyers {
-        redis::cmd("HVALS")
-            .arg(&k.buyers)
-            .query_async(&mut conn)
+    let bought_by_buyers = if check_buyers {
+        store
+            .bought_by_buyers(p.id)
             .await
             .context("failed to read the buyers")?
     } else {
-        Vec::new()
+        live.sold
     };
     let stream_ids: Vec<&str> = in_stream.iter().map(|m| m.order_id.as_str()).collect();
-    let (persisted, paid, cancelled, stream_persisted): (i64, i64, i64, i64) = sqlx::query_as(
-        "SELECT count(*), count(*) FILTER (WHERE status = 'paid'), \
-         count(*) FILTER (WHERE status = 'cancelled'), \
-         count(*) FILTER (WHERE order_id = ANY($2)) FROM orders WHERE promotion_id = $1",
-    )
-    .bind(p.id)
-    .bind(&stream_ids)
-    .fetch_one(db)
-    .await
-    .context("failed to count the promotion's orders")?;
-    let sold = sold.unwrap_or(0);
-    let returned = returned.unwrap_or(0);
-    let unpersisted = in_stream.len() as i64 - stream_persisted;
-    let bought_by_buyers: i64 = if check_buyers {
-        bought.iter().sum()
-    } else {
-        sold
-    };
-    let drift = match remaining {
-        None if p.ends_at > Utc::now() => 1 + persisted,
+    let counts = orders::counts(db, p.id, &stream_ids).await?;
+    let (sold, returned) = (live.sold, live.returned);
+    let unpersisted = in_stream.len() as i64 - counts.of_listed;
+    let drift = match live.remaining {
+        None if p.ends_at > Utc::now() => 1 + counts.persisted,
         None => 0,
         Some(left) => {
             (left + sold - returned - p.stock).abs()
                 + (bought_by_buyers - sold).abs()
-                + (sold - persisted - unpersisted).abs()
-                + (returned - cancelled).abs()
+                + (sold - counts.persisted - unpersisted).abs()
+                + (returned - counts.cancelled).abs()
         }
     };
     Ok(Reconciliation {
         promotion_id: p.id,
         stock: p.stock,
-        remaining,
+        remaining: live.remaining,
         sold,
         returned,
         bought_by_buyers,
         unpersisted,
-        persisted,
-        paid,
-        cancelled,
+        persisted: counts.persisted,
+        paid: counts.paid,
+        cancelled: counts.cancelled,
         drift,
     })
 }
@@ -385,19 +267,9 @@ pub fn table(rows: &[Reconciliation]) -> String {
 
 /// Reconciles every `every` until `shutdown`, keeping the
 /// `seckill_reconcile_drift` gauge current.
-pub async fn run_periodic(
-    db: PgPool,
-    redis: ConnectionManager,
-    keys: Keys,
-    every: std::time::Duration,
-    shutdown: tokio_util::sync::CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            _ = shutdown.cancelled() => return,
-        }
-        if let Err(e) = reconcile(&db, &redis, &keys, None, false).await {
+pub async fn run_periodic(db: PgPool, store: Store, every: Duration, shutdown: CancellationToken) {
+    while pace::sleep(every, &shutdown).await {
+        if let Err(e) = reconcile(&db, &store, None, false).await {
             tracing::warn!(error = %format!("{e:#}"), "periodic reconcile failed");
         }
     }

@@ -1,19 +1,22 @@
 //! The HTTP gateway on hyper 1.x: the accept loop with graceful shutdown
-//! (`server`), routing (`router`), request helpers (`request`), the handlers,
-//! and `error`, the one place where statuses are chosen for failures.
+//! (`server`), routing (`router`), request helpers (`request`), what the
+//! handlers share (`state`), the handlers, and `error`, the one place where
+//! statuses are chosen for failures.
 
 pub mod error;
 pub mod handlers;
 pub mod request;
 pub mod router;
 pub mod server;
+pub mod state;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::StatusCode;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 
-pub use error::ApiError;
+pub use error::{ApiError, Code};
+pub use state::AppState;
 
 /// Every response the gateway sends.
 pub type Response = hyper::Response<Full<Bytes>>;

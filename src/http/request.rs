@@ -12,8 +12,8 @@ use hyper::body::Incoming;
 use hyper::header::{AUTHORIZATION, CONTENT_LENGTH};
 use serde::de::DeserializeOwned;
 
+use super::state::AppState;
 use super::{ApiError, Response};
-use crate::app::AppState;
 use crate::config::MAX_BODY_BYTES;
 
 /// A routed request.
@@ -84,7 +84,7 @@ where
     USER.scope(Cell::new(None), async move {
         let result = handler.await;
         if let Err(e) = &result
-            && e.status.is_server_error()
+            && e.status().is_server_error()
             && let Some(user) = USER.with(Cell::get)
         {
             tracing::Span::current().record("user", user);
@@ -170,7 +170,11 @@ mod tests {
             " 1",
             "1e3",
         ] {
-            assert_eq!(parse_id(bad).unwrap_err().code, "invalid_id", "{bad:?}");
+            assert_eq!(
+                parse_id(bad).unwrap_err().code.as_str(),
+                "invalid_id",
+                "{bad:?}"
+            );
         }
     }
 
@@ -181,7 +185,7 @@ mod tests {
         let err = parse_json::<PromotionInput>(br#"{"stok": 1}"#).unwrap_err();
         assert!(err.message.contains("stok"), "{}", err.message);
         let err = parse_json::<PromotionInput>(b"{not json").unwrap_err();
-        assert_eq!(err.code, "invalid_request");
+        assert_eq!(err.code.as_str(), "invalid_request");
         assert!(parse_json::<PromotionInput>(b"").is_ok());
     }
 }

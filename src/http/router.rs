@@ -15,8 +15,8 @@ use tracing::Instrument;
 
 use super::handlers::{admin, admission, ops, orders, public, purchase};
 use super::request::{self, Request};
+use super::state::AppState;
 use super::{ApiError, Response};
-use crate::app::AppState;
 
 /// Every route of the API.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -13,7 +13,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use super::router;
-use crate::app::AppState;
+use super::state::AppState;
 
 /// Largest request head (request line and headers) accepted.
 const MAX_HEADER_BYTES: usize = 16 * 1024;

@@ -11,18 +11,19 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use chrono::{DateTime, Utc};
-use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use super::repo::Order;
-use crate::stock::scripts::{self, Restock};
-use crate::stock::{Keys, events};
+use super::repo::{self, Order, OrderStatus};
+use crate::pace;
+use crate::stock::{Restock, Store};
 
 /// How long pay and cancel wait for an order that is still on its way from
 /// the stream to PostgreSQL (normally milliseconds).
 const PERSIST_WAIT: Duration = Duration::from_secs(2);
+
+/// How often pay and cancel look again for an order on its way.
+const PERSIST_POLL: Duration = Duration::from_millis(50);
 
 /// Orders expired per sweep statement.
 const SWEEP_BATCH: i64 = 500;
@@ -46,32 +47,8 @@ pub enum Transition {
 #[derive(Clone)]
 pub struct Lifecycle {
     pub db: PgPool,
-    pub redis: ConnectionManager,
-    pub keys: Keys,
+    pub store: Store,
     pub payment_timeout: Duration,
-}
-
-#[derive(Debug, sqlx::FromRow)]
-struct Locked {
-    order_id: String,
-    promotion_id: i64,
-    status: String,
-    price_cents: i64,
-    created_at: DateTime<Utc>,
-    restocked_at: Option<DateTime<Utc>>,
-    expired: bool,
-}
-
-impl Locked {
-    fn order(&self, status: &str) -> Order {
-        Order {
-            order_id: self.order_id.clone(),
-            promotion_id: self.promotion_id,
-            status: status.to_string(),
-            price_cents: self.price_cents,
-            created_at: self.created_at,
-        }
-    }
 }
 
 enum Action {
@@ -110,7 +87,7 @@ impl Lifecycle {
                     Transition::NotFound
                 });
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(PERSIST_POLL).await;
         }
     }
 
@@ -126,36 +103,26 @@ impl Lifecycle {
             .begin()
             .await
             .context("failed to begin a transaction")?;
-        let locked = sqlx::query_as::<_, Locked>(
-            "SELECT order_id, promotion_id, status, price_cents, created_at, restocked_at, \
-             created_at + make_interval(secs => $3) <= now() AS expired \
-             FROM orders WHERE order_id = $1 AND user_id = $2 FOR UPDATE",
-        )
-        .bind(order_id)
-        .bind(user_id)
-        .bind(self.payment_timeout.as_secs_f64())
-        .fetch_optional(&mut *tx)
-        .await
-        .context("failed to lock the order")?;
-        let Some(row) = locked else {
+        let Some(row) = repo::lock(&mut tx, order_id, user_id, self.payment_timeout).await? else {
             return Ok(None);
         };
-        let outcome = match (action, row.status.as_str()) {
-            (Action::Pay, "paid") => Transition::Done(row.order("paid")),
-            (Action::Pay, "cancelled") => Transition::AlreadyCancelled,
-            (Action::Pay, _) if row.expired => {
-                set_status(&mut tx, order_id, NewStatus::Cancelled).await?;
+        use OrderStatus::{Cancelled, Paid, Pending};
+        let outcome = match (action, row.status) {
+            (Action::Pay, Paid) => Transition::Done(row.order(Paid)),
+            (Action::Pay, Cancelled) => Transition::AlreadyCancelled,
+            (Action::Pay, Pending) if row.expired => {
+                repo::set_status(&mut tx, order_id, Cancelled).await?;
                 Transition::AlreadyCancelled
             }
-            (Action::Pay, _) => {
-                set_status(&mut tx, order_id, NewStatus::Paid).await?;
-                Transition::Done(row.order("paid"))
+            (Action::Pay, Pending) => {
+                repo::set_status(&mut tx, order_id, Paid).await?;
+                Transition::Done(row.order(Paid))
             }
-            (Action::Cancel, "paid") => Transition::AlreadyPaid,
-            (Action::Cancel, "cancelled") => Transition::Done(row.order("cancelled")),
-            (Action::Cancel, _) => {
-                set_status(&mut tx, order_id, NewStatus::Cancelled).await?;
-                Transition::Done(row.order("cancelled"))
+            (Action::Cancel, Paid) => Transition::AlreadyPaid,
+            (Action::Cancel, Cancelled) => Transition::Done(row.order(Cancelled)),
+            (Action::Cancel, Pending) => {
+                repo::set_status(&mut tx, order_id, Cancelled).await?;
+                Transition::Done(row.order(Cancelled))
             }
         };
         tx.commit()
@@ -164,8 +131,8 @@ impl Lifecycle {
         // Whoever cancelled (now or earlier, if that restock was cut short)
         // makes sure the unit is back; restock.lua makes this idempotent.
         let cancelled_now_or_before = matches!(&outcome, Transition::AlreadyCancelled)
-            || matches!(&outcome, Transition::Done(o) if o.status == "cancelled");
-        if cancelled_now_or_before && (row.status == "pending" || row.restocked_at.is_none()) {
+            || matches!(&outcome, Transition::Done(o) if o.status == Cancelled);
+        if cancelled_now_or_before && (row.status == Pending || row.restocked_at.is_none()) {
             self.restock(row.promotion_id, &row.order_id).await?;
         }
         Ok(Some(outcome))
@@ -174,44 +141,25 @@ impl Lifecycle {
     /// Whether `order_id` is `user_id`'s latest purchase of a live promotion,
     /// still on its way to PostgreSQL.
     async fn is_unpersisted_purchase(&self, user_id: i64, order_id: &str) -> anyhow::Result<bool> {
-        let mut conn = self.redis.clone();
-        let live: Vec<i64> = redis::cmd("SMEMBERS")
-            .arg(self.keys.live_promotions())
-            .query_async(&mut conn)
+        self.store
+            .is_latest_order_of(user_id, order_id)
             .await
-            .context("failed to list live promotions")?;
-        if live.is_empty() {
-            return Ok(false);
-        }
-        let mut pipe = redis::pipe();
-        for id in &live {
-            pipe.hget(self.keys.promotion(*id).results, user_id);
-        }
-        let latest: Vec<Option<String>> = pipe
-            .query_async(&mut conn)
-            .await
-            .context("failed to look up the buyer's latest orders")?;
-        Ok(latest.iter().flatten().any(|o| o == order_id))
+            .context("failed to look up the buyer's latest orders")
     }
 
     /// Gives a cancelled order's unit back, records it, and tells every
     /// gateway to drop its sold-out flag.
     pub async fn restock(&self, promotion_id: i64, order_id: &str) -> anyhow::Result<()> {
-        let mut conn = self.redis.clone();
-        let done = scripts::restock(&mut conn, &self.keys, promotion_id, order_id)
+        let done = self
+            .store
+            .restock(promotion_id, order_id)
             .await
             .with_context(|| format!("failed to return the unit of order {order_id}"))?;
-        sqlx::query(
-            "UPDATE orders SET restocked_at = now() WHERE order_id = $1 AND restocked_at IS NULL",
-        )
-        .bind(order_id)
-        .execute(&self.db)
-        .await
-        .context("failed to record the returned unit")?;
+        repo::mark_restocked(&self.db, order_id).await?;
         match done {
             Restock::Returned => {
                 metrics::counter!("seckill_units_returned_total").increment(1);
-                events::publish_changed(&mut conn, &self.keys, promotion_id).await;
+                self.store.publish_changed(promotion_id).await;
             }
             Restock::AlreadyReturned => {}
             Restock::NoState => {
@@ -224,19 +172,7 @@ impl Lifecycle {
     /// One sweep: expires unpaid orders past the deadline and finishes
     /// restocks left undone. Returns the number of orders expired.
     pub async fn sweep(&self) -> anyhow::Result<usize> {
-        let expired: Vec<(String, i64)> = sqlx::query_as(
-            "UPDATE orders SET status = 'cancelled', cancelled_at = now() \
-             WHERE status = 'pending' AND order_id IN ( \
-               SELECT order_id FROM orders WHERE status = 'pending' \
-               AND created_at + make_interval(secs => $1) <= now() \
-               ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
-             RETURNING order_id, promotion_id",
-        )
-        .bind(self.payment_timeout.as_secs_f64())
-        .bind(SWEEP_BATCH)
-        .fetch_all(&self.db)
-        .await
-        .context("failed to expire unpaid orders")?;
+        let expired = repo::expire_unpaid(&self.db, self.payment_timeout, SWEEP_BATCH).await?;
         if !expired.is_empty() {
             tracing::info!(count = expired.len(), "expired unpaid orders");
             metrics::counter!("seckill_orders_expired_total").increment(expired.len() as u64);
@@ -244,16 +180,7 @@ impl Lifecycle {
         for (order_id, promotion_id) in &expired {
             self.restock(*promotion_id, order_id).await?;
         }
-        let due: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT order_id, promotion_id FROM orders \
-             WHERE status = 'cancelled' AND restocked_at IS NULL \
-             ORDER BY cancelled_at LIMIT $1",
-        )
-        .bind(SWEEP_BATCH)
-        .fetch_all(&self.db)
-        .await
-        .context("failed to list cancelled orders awaiting their restock")?;
-        for (order_id, promotion_id) in &due {
+        for (order_id, promotion_id) in &repo::awaiting_restock(&self.db, SWEEP_BATCH).await? {
             self.restock(*promotion_id, order_id).await?;
         }
         Ok(expired.len())
@@ -265,35 +192,9 @@ impl Lifecycle {
             if let Err(e) = self.sweep().await {
                 tracing::warn!(error = %format!("{e:#}"), "payment-timeout sweep failed; will retry");
             }
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {}
-                _ = shutdown.cancelled() => return,
+            if !pace::sleep(every, &shutdown).await {
+                return;
             }
         }
     }
-}
-
-#[derive(Debug, Clone, Copy)]
-enum NewStatus {
-    Paid,
-    Cancelled,
-}
-
-async fn set_status(
-    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
-    order_id: &str,
-    status: NewStatus,
-) -> anyhow::Result<()> {
-    let sql = match status {
-        NewStatus::Paid => "UPDATE orders SET status = 'paid', paid_at = now() WHERE order_id = $1",
-        NewStatus::Cancelled => {
-            "UPDATE orders SET status = 'cancelled', cancelled_at = now() WHERE order_id = $1"
-        }
-    };
-    sqlx::query(sql)
-        .bind(order_id)
-        .execute(&mut **tx)
-        .await
-        .with_context(|| format!("failed to mark order {order_id} {status:?}"))?;
-    Ok(())
 }

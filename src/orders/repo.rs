@@ -1,20 +1,71 @@
-//! The `orders` table: the idempotent batch insert and the query side.
+//! The `orders` table: every SQL statement on it. The workers' idempotent
+//! batch insert, the lifecycle's row locks and status changes, the sweeper's
+//! queries, recovery's reads and the query side.
+
+use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::PgPool;
+use sqlx::{PgPool, Postgres, Transaction};
 
-use super::message::OrderMessage;
+use crate::stock::OrderMessage;
+
+/// Where an order is in its life (the `status` column).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, sqlx::Type)]
+#[sqlx(type_name = "text", rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
+pub enum OrderStatus {
+    /// Bought, not paid yet.
+    Pending,
+    Paid,
+    /// By the buyer or by the payment timeout; its unit goes back on sale.
+    Cancelled,
+}
 
 /// An order as the buyer sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct Order {
     pub order_id: String,
     pub promotion_id: i64,
-    pub status: String,
+    pub status: OrderStatus,
     pub price_cents: i64,
     pub created_at: DateTime<Utc>,
+}
+
+/// An order's row, locked for a status change.
+#[derive(Debug, sqlx::FromRow)]
+pub struct Locked {
+    pub order_id: String,
+    pub promotion_id: i64,
+    pub status: OrderStatus,
+    pub price_cents: i64,
+    pub created_at: DateTime<Utc>,
+    pub restocked_at: Option<DateTime<Utc>>,
+    /// Whether its payment deadline has passed.
+    pub expired: bool,
+}
+
+impl Locked {
+    /// The order as the buyer sees it, in `status`.
+    pub fn order(&self, status: OrderStatus) -> Order {
+        Order {
+            order_id: self.order_id.clone(),
+            promotion_id: self.promotion_id,
+            status,
+            price_cents: self.price_cents,
+            created_at: self.created_at,
+        }
+    }
+}
+
+/// An order as recovery counts it.
+#[derive(Debug, sqlx::FromRow)]
+pub struct Stored {
+    pub order_id: String,
+    pub user_id: i64,
+    pub seq: i64,
+    pub status: OrderStatus,
 }
 
 /// The batch insert: one row per element of the arrays.
@@ -120,14 +171,24 @@ pub struct StatusCounts {
     pub persisted: i64,
     pub paid: i64,
     pub cancelled: i64,
+    /// How many of the order ids asked about are persisted.
+    pub of_listed: i64,
 }
 
-pub async fn counts(db: &PgPool, promotion_id: i64) -> anyhow::Result<StatusCounts> {
-    let (persisted, paid, cancelled): (i64, i64, i64) = sqlx::query_as(
+/// Counts a promotion's persisted orders by status, and how many of
+/// `order_ids` are among them, in one statement.
+pub async fn counts(
+    db: &PgPool,
+    promotion_id: i64,
+    order_ids: &[&str],
+) -> anyhow::Result<StatusCounts> {
+    let (persisted, paid, cancelled, of_listed): (i64, i64, i64, i64) = sqlx::query_as(
         "SELECT count(*), count(*) FILTER (WHERE status = 'paid'), \
-         count(*) FILTER (WHERE status = 'cancelled') FROM orders WHERE promotion_id = $1",
+         count(*) FILTER (WHERE status = 'cancelled'), \
+         count(*) FILTER (WHERE order_id = ANY($2)) FROM orders WHERE promotion_id = $1",
     )
     .bind(promotion_id)
+    .bind(order_ids)
     .fetch_one(db)
     .await
     .with_context(|| format!("failed to count the orders of promotion {promotion_id}"))?;
@@ -135,5 +196,120 @@ pub async fn counts(db: &PgPool, promotion_id: i64) -> anyhow::Result<StatusCoun
         persisted,
         paid,
         cancelled,
+        of_listed,
     })
+}
+
+/// Every order of a promotion, for recovery.
+pub async fn of_promotion(db: &PgPool, promotion_id: i64) -> anyhow::Result<Vec<Stored>> {
+    sqlx::query_as("SELECT order_id, user_id, seq, status FROM orders WHERE promotion_id = $1")
+        .bind(promotion_id)
+        .fetch_all(db)
+        .await
+        .context("failed to read the promotion's orders")
+}
+
+/// Locks `user_id`'s order `order_id` for a status change; `None` when no
+/// such row exists (yet).
+pub async fn lock(
+    tx: &mut Transaction<'_, Postgres>,
+    order_id: &str,
+    user_id: i64,
+    payment_timeout: Duration,
+) -> anyhow::Result<Option<Locked>> {
+    sqlx::query_as::<_, Locked>(
+        "SELECT order_id, promotion_id, status, price_cents, created_at, restocked_at, \
+         created_at + make_interval(secs => $3) <= now() AS expired \
+         FROM orders WHERE order_id = $1 AND user_id = $2 FOR UPDATE",
+    )
+    .bind(order_id)
+    .bind(user_id)
+    .bind(payment_timeout.as_secs_f64())
+    .fetch_optional(&mut **tx)
+    .await
+    .context("failed to lock the order")
+}
+
+/// Moves a locked order to `status` (paid or cancelled), stamping the time.
+pub async fn set_status(
+    tx: &mut Transaction<'_, Postgres>,
+    order_id: &str,
+    status: OrderStatus,
+) -> anyhow::Result<()> {
+    let sql = match status {
+        OrderStatus::Paid => {
+            "UPDATE orders SET status = 'paid', paid_at = now() WHERE order_id = $1"
+        }
+        OrderStatus::Cancelled => {
+            "UPDATE orders SET status = 'cancelled', cancelled_at = now() WHERE order_id = $1"
+        }
+        OrderStatus::Pending => anyhow::bail!("an order never goes back to pending"),
+    };
+    sqlx::query(sql)
+        .bind(order_id)
+        .execute(&mut **tx)
+        .await
+        .with_context(|| format!("failed to mark order {order_id} {status:?}"))?;
+    Ok(())
+}
+
+/// Records that a cancelled order's unit is back on sale.
+pub async fn mark_restocked(db: &PgPool, order_id: &str) -> anyhow::Result<()> {
+    sqlx::query(
+        "UPDATE orders SET restocked_at = now() WHERE order_id = $1 AND restocked_at IS NULL",
+    )
+    .bind(order_id)
+    .execute(db)
+    .await
+    .context("failed to record the returned unit")?;
+    Ok(())
+}
+
+/// Records that every cancelled order of a promotion has its unit back
+/// (recovery counted them all in the rebuilt stock).
+pub async fn mark_all_restocked(db: &PgPool, promotion_id: i64) -> anyhow::Result<()> {
+    sqlx::query(
+        "UPDATE orders SET restocked_at = now() \
+         WHERE promotion_id = $1 AND status = 'cancelled' AND restocked_at IS NULL",
+    )
+    .bind(promotion_id)
+    .execute(db)
+    .await
+    .context("failed to record the returned units")?;
+    Ok(())
+}
+
+/// Cancels up to `limit` unpaid orders past their deadline, skipping rows
+/// locked by a payment in progress. Returns `(order_id, promotion_id)` of each.
+pub async fn expire_unpaid(
+    db: &PgPool,
+    payment_timeout: Duration,
+    limit: i64,
+) -> anyhow::Result<Vec<(String, i64)>> {
+    sqlx::query_as(
+        "UPDATE orders SET status = 'cancelled', cancelled_at = now() \
+         WHERE status = 'pending' AND order_id IN ( \
+           SELECT order_id FROM orders WHERE status = 'pending' \
+           AND created_at + make_interval(secs => $1) <= now() \
+           ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
+         RETURNING order_id, promotion_id",
+    )
+    .bind(payment_timeout.as_secs_f64())
+    .bind(limit)
+    .fetch_all(db)
+    .await
+    .context("failed to expire unpaid orders")
+}
+
+/// Up to `limit` cancelled orders whose unit is not recorded as back.
+pub async fn awaiting_restock(db: &PgPool, limit: i64) -> anyhow::Result<Vec<(String, i64)>> {
+    sqlx::query_as(
+        "SELECT order_id, promotion_id FROM orders \
+         WHERE status = 'cancelled' AND restocked_at IS NULL \
+         ORDER BY cancelled_at LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(db)
+    .await
+    .context("failed to list cancelled orders awaiting their restock")
 }

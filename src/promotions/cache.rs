@@ -11,12 +11,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use moka::future::Cache;
-use redis::aio::ConnectionManager;
 use sqlx::PgPool;
 
 use super::model::Promotion;
 use super::repo;
-use crate::stock::{Keys, PromotionMeta, scripts};
+use crate::stock::{PromotionMeta, Store};
 
 /// A local "sold out" flag.
 pub struct SoldOutFlag {
@@ -94,8 +93,7 @@ impl PromotionCache {
     /// The meta of promotion `id`; concurrent misses share one Redis read.
     pub async fn meta(
         &self,
-        redis: &ConnectionManager,
-        keys: &Keys,
+        store: &Store,
         id: i64,
     ) -> Result<Option<Arc<PromotionMeta>>, Arc<redis::RedisError>> {
         if let Some(hit) = self.meta.get(&id).await {
@@ -106,12 +104,7 @@ impl PromotionCache {
         metrics::counter!("seckill_cache_requests_total", "cache" => "meta", "result" => "miss")
             .increment(1);
         self.meta
-            .try_get_with(id, async {
-                let mut conn = redis.clone();
-                scripts::load_meta(&mut conn, keys, id)
-                    .await
-                    .map(|m| m.map(Arc::new))
-            })
+            .try_get_with(id, async { store.meta(id).await.map(|m| m.map(Arc::new)) })
             .await
     }
 
@@ -170,15 +163,13 @@ impl PromotionCache {
     pub async fn open(
         &self,
         db: &PgPool,
-        redis: &ConnectionManager,
-        keys: &Keys,
+        store: &Store,
     ) -> Result<Arc<Vec<Listed>>, Arc<anyhow::Error>> {
         self.open
             .try_get_with((), async {
                 let promotions = repo::list_open(db).await?;
                 let ids: Vec<i64> = promotions.iter().map(|p| p.id).collect();
-                let mut conn = redis.clone();
-                let remaining = scripts::remaining_many(&mut conn, keys, &ids).await?;
+                let remaining = store.remaining_many(&ids).await?;
                 let listed = promotions
                     .into_iter()
                     .zip(remaining)

@@ -19,17 +19,23 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use redis::RedisError;
-use redis::aio::ConnectionManager;
 use tokio::sync::oneshot;
 
-use super::Keys;
-use super::scripts::{self, Buyer, Outcome};
+use super::store::{Buyer, Outcome, Store};
 
 /// Script calls of one promotion in flight at once: while Redis runs one
 /// batch, the next one is already on its way.
 pub const MAX_CALLS: usize = 2;
 
 type Answer = Result<Outcome, Arc<RedisError>>;
+
+/// The error a buyer gets when its call ended without an answer for it.
+fn no_answer() -> Arc<RedisError> {
+    Arc::new(RedisError::from((
+        redis::ErrorKind::Client,
+        "the purchase call ended without an answer",
+    )))
+}
 
 /// The buyers of one promotion waiting for a call, and the calls in flight.
 #[derive(Default)]
@@ -42,8 +48,7 @@ struct Queue {
 
 /// Sends the purchases of every promotion to Redis, coalesced.
 pub struct Coalescer {
-    redis: ConnectionManager,
-    keys: Keys,
+    store: Store,
     max_batch: usize,
     queues: Mutex<HashMap<i64, Queue>>,
 }
@@ -51,10 +56,9 @@ pub struct Coalescer {
 impl Coalescer {
     /// `max_batch` buyers at most per script call; 1 sends each purchase
     /// alone, as soon as it comes.
-    pub fn new(redis: ConnectionManager, keys: Keys, max_batch: usize) -> Arc<Coalescer> {
+    pub fn new(store: Store, max_batch: usize) -> Arc<Coalescer> {
         Arc::new(Coalescer {
-            redis,
-            keys,
+            store,
             max_batch: max_batch.max(1),
             queues: Mutex::new(HashMap::new()),
         })
@@ -73,7 +77,7 @@ impl Coalescer {
                 .call(id, std::slice::from_ref(&buyer))
                 .await
                 .map_err(Arc::new)?;
-            return Ok(outcomes.into_iter().next().unwrap_or(Outcome::Unknown));
+            return outcomes.into_iter().next().ok_or_else(no_answer);
         }
         let (tx, rx) = oneshot::channel();
         let start_call = {
@@ -92,20 +96,14 @@ impl Coalescer {
             // of its batch even if this request is dropped meanwhile.
             tokio::spawn(Arc::clone(self).send_batches(id));
         }
-        rx.await.unwrap_or_else(|_| {
-            Err(Arc::new(RedisError::from((
-                redis::ErrorKind::Client,
-                "the purchase call ended without an answer",
-            ))))
-        })
+        rx.await.unwrap_or_else(|_| Err(no_answer()))
     }
 
     /// One call of `lua/purchase.lua` for `buyers`, recorded in the Lua
     /// latency histogram.
     async fn call(&self, id: i64, buyers: &[Buyer]) -> redis::RedisResult<Vec<Outcome>> {
-        let mut conn = self.redis.clone();
         let started = Instant::now();
-        let outcomes = scripts::purchase(&mut conn, &self.keys, id, buyers).await;
+        let outcomes = self.store.purchase(id, buyers).await;
         metrics::histogram!("seckill_lua_seconds", "script" => "purchase")
             .record(started.elapsed().as_secs_f64());
         outcomes

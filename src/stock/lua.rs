@@ -2,15 +2,15 @@
 //! `SECKILL_LUA_DIR` so ops can try a changed script without a rebuild.
 //!
 //! The set is fixed once per process, before the first script runs. At
-//! start-up every script is loaded into Redis with `SCRIPT LOAD` and its SHA
-//! logged; a script Redis refuses stops the start-up with Redis's error.
+//! start-up the store loads every script into Redis (`SCRIPT LOAD`) and logs
+//! its SHA; a script Redis refuses stops the start-up with Redis's error.
+//! [`codes`] names the values each script returns, as its header lists them.
 
 use std::path::Path;
 use std::sync::OnceLock;
 
 use anyhow::{Context, bail};
 use redis::Script;
-use redis::aio::ConnectionManager;
 
 /// Every script, by the name of its file in `lua/`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,27 +119,99 @@ pub fn use_dir(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Loads every script into Redis (`SCRIPT LOAD`) and logs its SHA. A
-/// script Redis refuses (a syntax error, say) is an error naming it.
-pub async fn load_all(conn: &mut ConnectionManager) -> anyhow::Result<()> {
-    for lua in all() {
-        let sha: String = redis::cmd("SCRIPT")
-            .arg("LOAD")
-            .arg(&lua.source)
-            .query_async(conn)
-            .await
-            .with_context(|| format!("redis refused lua script {} ({})", lua.name, lua.origin))?;
-        if sha != lua.script.get_hash() {
-            bail!("redis computed another SHA for {}: {sha}", lua.name);
-        }
-        tracing::info!(script = lua.name, sha = %sha, origin = %lua.origin, "lua script loaded");
+/// The return codes of the scripts, named as their headers list them. A
+/// code not listed here is an error where it is read, never a default.
+pub mod codes {
+    /// `purchase.lua`: one per buyer.
+    pub mod purchase {
+        pub const SOLD_OUT: i64 = 0;
+        pub const BOUGHT: i64 = 1;
+        pub const ALREADY_PURCHASED: i64 = 2;
+        pub const NOT_STARTED: i64 = 3;
+        pub const ENDED: i64 = 4;
+        pub const UNKNOWN: i64 = 5;
     }
-    Ok(())
+
+    /// `issue_token.lua`.
+    pub mod issue_token {
+        pub const REFUSED: i64 = 0;
+        pub const ADMITTED: i64 = 1;
+        pub const ADMITTED_BEFORE: i64 = 2;
+        pub const NOT_STARTED: i64 = 3;
+        pub const ENDED: i64 = 4;
+        pub const UNKNOWN: i64 = 5;
+    }
+
+    /// `restock.lua`.
+    pub mod restock {
+        pub const ALREADY_RETURNED: i64 = 0;
+        pub const RETURNED: i64 = 1;
+        pub const NO_STATE: i64 = -1;
+    }
+
+    /// `recover.lua`.
+    pub mod recover {
+        pub const STATE_EXISTED: i64 = 0;
+        pub const REBUILT: i64 = 1;
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each code of [`codes`] appears in its script's `Returns` section, so
+    /// the Rust names and the Lua header cannot drift apart silently.
+    #[test]
+    fn every_named_code_is_in_its_script_header() {
+        let table: [(&str, &[i64]); 4] = [
+            (
+                "purchase.lua",
+                &[
+                    codes::purchase::SOLD_OUT,
+                    codes::purchase::BOUGHT,
+                    codes::purchase::ALREADY_PURCHASED,
+                    codes::purchase::NOT_STARTED,
+                    codes::purchase::ENDED,
+                    codes::purchase::UNKNOWN,
+                ],
+            ),
+            (
+                "issue_token.lua",
+                &[
+                    codes::issue_token::REFUSED,
+                    codes::issue_token::ADMITTED,
+                    codes::issue_token::ADMITTED_BEFORE,
+                    codes::issue_token::NOT_STARTED,
+                    codes::issue_token::ENDED,
+                    codes::issue_token::UNKNOWN,
+                ],
+            ),
+            (
+                "restock.lua",
+                &[
+                    codes::restock::ALREADY_RETURNED,
+                    codes::restock::RETURNED,
+                    codes::restock::NO_STATE,
+                ],
+            ),
+            (
+                "recover.lua",
+                &[codes::recover::STATE_EXISTED, codes::recover::REBUILT],
+            ),
+        ];
+        for (name, codes) in table {
+            let lua = all().iter().find(|l| l.name == name).unwrap();
+            let contract = lua.contract();
+            let returns = &contract[contract.find("Returns").unwrap()..];
+            for code in codes {
+                let listed = returns
+                    .split(|c: char| !(c.is_ascii_digit() || c == '-'))
+                    .any(|word| word == code.to_string());
+                assert!(listed, "{name}: code {code} is not in its Returns section");
+            }
+        }
+    }
 
     #[test]
     fn every_script_states_its_contract() {

@@ -1,15 +1,19 @@
-//! The live sale state in Redis: key names, the Lua scripts, and the purchase
-//! decision.
+//! The live sale state in Redis: key names, the Lua scripts, the store that
+//! sends every Redis command, the order message format and the purchase
+//! coalescer.
 //!
 //! Everything that changes stock goes through a script in `lua/`, so every
-//! change is atomic. This module owns the Redis side of a promotion; the
-//! record of promotions and orders lives in PostgreSQL (`promotions`, `orders`).
+//! change is atomic. This module owns Redis; the record of promotions and
+//! orders lives in PostgreSQL (`promotions`, `orders`).
 
 pub mod coalesce;
-pub mod events;
 pub mod keys;
 pub mod lua;
-pub mod scripts;
+pub mod message;
+pub mod store;
 
 pub use keys::Keys;
-pub use scripts::{Outcome, PromotionMeta};
+pub use message::{Entry, OrderMessage};
+pub use store::{
+    Admission, Buyer, ConnectOptions, LiveCounters, Outcome, PromotionMeta, Restock, Store,
+};

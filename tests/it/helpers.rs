@@ -98,9 +98,12 @@ pub async fn spawn_with_settings(role: Role, settings: Settings) -> TestApp {
         .connect(&settings.database_url)
         .await
         .expect("test pool connects");
-    let redis = seckill::app::connect_redis(&settings.redis_url, Duration::from_secs(5))
-        .await
-        .expect("test redis connects");
+    let redis = seckill::stock::store::connect(
+        &settings.redis_url,
+        seckill::stock::ConnectOptions::commands(Duration::from_secs(5)),
+    )
+    .await
+    .expect("test redis connects");
     TestApp {
         addr,
         base: format!("http://{addr}"),

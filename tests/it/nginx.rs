@@ -660,9 +660,12 @@ async fn a_gateway_killed_mid_sale_never_replays_a_purchase() {
     let (mut a, b) = two_gateways(&settings, &extra).await;
     let nginx = Arc::new(Nginx::start("nginx.conf", &[&a.addr, &b.addr]).await);
     let db = connect_db(&settings).await;
-    let mut redis = seckill::app::connect_redis(&settings.redis_url, Duration::from_secs(5))
-        .await
-        .unwrap();
+    let mut redis = seckill::stock::store::connect(
+        &settings.redis_url,
+        seckill::stock::ConnectOptions::commands(Duration::from_secs(5)),
+    )
+    .await
+    .unwrap();
 
     // Every buyer buys exactly once; a limit of 5 means a replayed purchase
     // would be accepted a second time, and show.

@@ -9,9 +9,9 @@ use futures::StreamExt;
 use futures::future::join_all;
 use reqwest::StatusCode;
 use seckill::app::Role;
+use seckill::stock::Buyer;
 use seckill::stock::Outcome;
 use seckill::stock::coalesce::{Coalescer, MAX_CALLS};
-use seckill::stock::scripts::Buyer;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -183,7 +183,7 @@ async fn x_forwarded_for_is_honoured_from_a_trusted_peer_and_ignored_from_others
     let mut trusted = spawn_with_settings(Role::GatewayOnly, {
         let mut s = test_settings();
         s.rate_ip = 2;
-        s.trusted_proxies = seckill::limit::parse_trusted("127.0.0.1").unwrap();
+        s.trusted_proxies = seckill::config::parse_trusted("127.0.0.1").unwrap();
         s
     })
     .await;
@@ -200,7 +200,7 @@ async fn x_forwarded_for_is_honoured_from_a_trusted_peer_and_ignored_from_others
     let mut untrusted = spawn_with_settings(Role::GatewayOnly, {
         let mut s = test_settings();
         s.rate_ip = 2;
-        s.trusted_proxies = seckill::limit::parse_trusted("10.0.0.0/8").unwrap();
+        s.trusted_proxies = seckill::config::parse_trusted("10.0.0.0/8").unwrap();
         s
     })
     .await;
@@ -711,10 +711,13 @@ async fn purchases_queued_behind_calls_in_flight_share_the_next_calls_and_each_g
     app.buy(id, 1).await;
     // The coalescer the gateway uses, on a connection of its own that waits
     // out the pause below.
-    let conn = seckill::app::connect_redis(&redis.url(), Duration::from_secs(30))
-        .await
-        .unwrap();
-    let coalescer = Coalescer::new(conn, app.keys.clone(), 64);
+    let conn = seckill::stock::store::connect(
+        &redis.url(),
+        seckill::stock::ConnectOptions::commands(Duration::from_secs(30)),
+    )
+    .await
+    .unwrap();
+    let coalescer = Coalescer::new(seckill::stock::Store::new(conn, app.keys.clone()), 64);
     let client = redis::Client::open(redis.url()).unwrap();
     let mut admin = client.get_multiplexed_async_connection().await.unwrap();
     let before = redis_stat(&redis.url(), "commandstats", "cmdstat_evalsha").await;

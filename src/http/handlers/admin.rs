@@ -1,59 +1,40 @@
 //! `/admin/promotions`: create, list, read with stats, edit before start,
-//! delete. Admin token only.
+//! delete. Admin token only. The workflows are `promotions::service`'s.
 
 use chrono::Utc;
 use hyper::StatusCode;
 
 use crate::http::request::Request;
 use crate::http::{ApiError, Response, empty, json};
-use crate::orders::repo as orders;
 use crate::promotions::PromotionInput;
-use crate::promotions::repo::{self, Refusal};
-use crate::stock::{events, scripts};
+use crate::promotions::service::Saved;
+
+fn saved(status: StatusCode, s: &Saved) -> Response {
+    json(status, &s.promotion.to_json(Utc::now(), Some(s.remaining)))
+}
 
 /// `POST /admin/promotions`: records the promotion, preheats Redis, then
-/// answers `201`; a promotion whose preheat failed is removed again.
+/// answers `201`.
 pub async fn create(req: Request) -> Result<Response, ApiError> {
     req.admin()?;
     let state = req.state.clone();
     let input: PromotionInput = req.json().await?;
     let new = input.into_new()?;
-    let p = repo::insert(&state.db, &new).await?;
-    let mut conn = state.redis.clone();
-    let remaining = match scripts::preheat(&mut conn, &state.keys, &p.meta()).await {
-        Ok(left) => left,
-        Err(e) => {
-            if let Err(undo) = repo::remove(&state.db, p.id).await {
-                tracing::error!(id = p.id, error = %format!("{undo:#}"), "failed to remove a promotion whose preheat failed");
-            }
-            return Err(e.into());
-        }
-    };
-    state.cache.invalidate(p.id).await;
-    tracing::info!(
-        id = p.id,
-        stock = p.stock,
-        "promotion created and preheated"
-    );
-    Ok(json(
-        StatusCode::CREATED,
-        &p.to_json(Utc::now(), Some(remaining)),
-    ))
+    let created = state.promotions.create(&new).await?;
+    Ok(saved(StatusCode::CREATED, &created))
 }
 
 /// `GET /admin/promotions`
 pub async fn list(req: Request) -> Result<Response, ApiError> {
     req.admin()?;
-    let state = &req.state;
-    let promotions = repo::list(&state.db).await?;
-    let ids: Vec<i64> = promotions.iter().map(|p| p.id).collect();
-    let mut conn = state.redis.clone();
-    let remaining = scripts::remaining_many(&mut conn, &state.keys, &ids).await?;
     let now = Utc::now();
-    let items: Vec<_> = promotions
+    let items: Vec<_> = req
+        .state
+        .promotions
+        .list()
+        .await?
         .iter()
-        .zip(remaining)
-        .map(|(p, left)| p.to_json(now, left))
+        .map(|(p, left)| p.to_json(now, *left))
         .collect();
     Ok(json(
         StatusCode::OK,
@@ -65,21 +46,15 @@ pub async fn list(req: Request) -> Result<Response, ApiError> {
 pub async fn get(req: Request) -> Result<Response, ApiError> {
     req.admin()?;
     let id = req.id()?;
-    let state = &req.state;
-    let p = repo::get(&state.db, id)
-        .await?
-        .ok_or_else(ApiError::not_found)?;
-    let mut conn = state.redis.clone();
-    let live = scripts::counters(&mut conn, &state.keys, id).await?;
-    let stored = orders::counts(&state.db, id).await?;
-    let mut body = p.to_json(Utc::now(), live.remaining);
+    let s = req.state.promotions.with_stats(id).await?;
+    let mut body = s.promotion.to_json(Utc::now(), s.live.remaining);
     body["stats"] = serde_json::json!({
-        "remaining": live.remaining.unwrap_or(0),
-        "sold": live.sold,
-        "in_stream": live.in_stream,
-        "persisted": stored.persisted,
-        "paid": stored.paid,
-        "cancelled": stored.cancelled,
+        "remaining": s.live.remaining.unwrap_or(0),
+        "sold": s.live.sold,
+        "in_stream": s.live.in_stream,
+        "persisted": s.stored.persisted,
+        "paid": s.stored.paid,
+        "cancelled": s.stored.cancelled,
     });
     Ok(json(StatusCode::OK, &body))
 }
@@ -90,22 +65,8 @@ pub async fn update(req: Request) -> Result<Response, ApiError> {
     let id = req.id()?;
     let state = req.state.clone();
     let input: PromotionInput = req.json().await?;
-    let current = repo::get(&state.db, id)
-        .await?
-        .ok_or_else(ApiError::not_found)?;
-    if current.starts_at <= Utc::now() {
-        return Err(Refusal::Started.into());
-    }
-    let edited = input.apply_to(&current)?;
-    let p = repo::update_before_start(&state.db, id, &edited).await??;
-    let mut conn = state.redis.clone();
-    let remaining = scripts::preheat(&mut conn, &state.keys, &p.meta()).await?;
-    state.cache.invalidate(id).await;
-    events::publish_changed(&mut conn, &state.keys, id).await;
-    Ok(json(
-        StatusCode::OK,
-        &p.to_json(Utc::now(), Some(remaining)),
-    ))
+    let updated = state.promotions.update(id, input).await?;
+    Ok(saved(StatusCode::OK, &updated))
 }
 
 /// `DELETE /admin/promotions/{id}`: refused while the sale runs, and once
@@ -113,21 +74,6 @@ pub async fn update(req: Request) -> Result<Response, ApiError> {
 pub async fn delete(req: Request) -> Result<Response, ApiError> {
     req.admin()?;
     let id = req.id()?;
-    let state = &req.state;
-    let p = repo::get(&state.db, id)
-        .await?
-        .ok_or_else(ApiError::not_found)?;
-    if p.is_active(Utc::now()) {
-        return Err(Refusal::Started.into());
-    }
-    let mut conn = state.redis.clone();
-    if scripts::counters(&mut conn, &state.keys, id).await?.sold > 0 {
-        return Err(Refusal::HasOrders.into());
-    }
-    repo::delete_unless_running(&state.db, id).await??;
-    scripts::forget(&mut conn, &state.keys, id).await?;
-    state.cache.invalidate(id).await;
-    events::publish_changed(&mut conn, &state.keys, id).await;
-    tracing::info!(id, "promotion deleted");
+    req.state.promotions.delete(id).await?;
     Ok(empty(StatusCode::NO_CONTENT))
 }

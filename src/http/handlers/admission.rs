@@ -8,7 +8,7 @@ use serde::Deserialize;
 use crate::admission::{self, answer_matches};
 use crate::http::request::Request;
 use crate::http::{ApiError, Response, json};
-use crate::stock::scripts::{self, Admission};
+use crate::stock::Admission;
 
 /// The token body: `{}` or, when the promotion requires a captcha,
 /// `{"captcha_id": "...", "answer": "..."}`.
@@ -36,7 +36,7 @@ pub async fn token(req: Request) -> Result<Response, ApiError> {
     let body: TokenBody = req.json().await?;
     let meta = state
         .cache
-        .meta(&state.redis, &state.keys, id)
+        .meta(&state.store, id)
         .await?
         .ok_or_else(ApiError::not_found)?;
     if !meta.require_token {
@@ -44,7 +44,6 @@ pub async fn token(req: Request) -> Result<Response, ApiError> {
             "this promotion does not use admission tokens",
         ));
     }
-    let mut conn = state.redis.clone();
     if meta.require_captcha {
         let (Some(captcha_id), Some(answer)) = (body.captcha_id, body.answer) else {
             return Err(ApiError::invalid_captcha());
@@ -52,11 +51,8 @@ pub async fn token(req: Request) -> Result<Response, ApiError> {
         if captcha_id.is_empty() || captcha_id.len() > MAX_CAPTCHA_ID_LEN {
             return Err(ApiError::invalid_captcha());
         }
-        // GETDEL: a challenge is answered once, right or wrong.
-        let stored: Option<String> = redis::cmd("GETDEL")
-            .arg(state.keys.captcha(id, &captcha_id))
-            .query_async(&mut conn)
-            .await?;
+        // A challenge is answered once, right or wrong.
+        let stored = state.store.take_captcha(id, &captcha_id).await?;
         let passed = stored
             .as_deref()
             .and_then(|s| s.split_once(':'))
@@ -67,20 +63,15 @@ pub async fn token(req: Request) -> Result<Response, ApiError> {
             return Err(ApiError::invalid_captcha());
         }
     }
-    match scripts::issue_token(
-        &mut conn,
-        &state.keys,
-        id,
-        user_id,
-        state.settings.token_cap_multiple,
-    )
-    .await?
-    {
-        Admission::Admitted => {}
-        Admission::SoldOut => return Err(ApiError::sold_out()),
-        Admission::NotStarted => return Err(ApiError::not_started()),
-        Admission::Ended => return Err(ApiError::ended()),
-        Admission::Unknown => return Err(ApiError::not_found()),
+    let admission = state
+        .store
+        .issue_token(id, user_id, state.settings.token_cap_multiple)
+        .await?;
+    if admission != Admission::Admitted {
+        if admission == Admission::Unknown {
+            state.cache.invalidate(id).await;
+        }
+        return Err(admission.into());
     }
     let expires_ms = Utc::now().timestamp_millis() + state.settings.token_ttl.as_millis() as i64;
     let token = state.tokens.sign(id, user_id, expires_ms);
@@ -98,7 +89,7 @@ pub async fn captcha(req: Request) -> Result<Response, ApiError> {
     state.limits.check_user(user_id)?;
     let meta = state
         .cache
-        .meta(&state.redis, &state.keys, id)
+        .meta(&state.store, id)
         .await?
         .ok_or_else(ApiError::not_found)?;
     if !meta.require_captcha {
@@ -110,19 +101,17 @@ pub async fn captcha(req: Request) -> Result<Response, ApiError> {
         .await
         .ok()
         .flatten()
-        .ok_or_else(|| {
-            tracing::error!("failed to draw a captcha");
-            ApiError::internal()
-        })?;
+        .ok_or_else(|| ApiError::internal().caused_by("failed to draw a captcha"))?;
     let captcha_id = uuid::Uuid::new_v4().simple().to_string();
     let ttl = state.settings.captcha_ttl;
-    let mut conn = state.redis.clone();
-    let _: () = redis::cmd("SET")
-        .arg(state.keys.captcha(id, &captcha_id))
-        .arg(format!("{user_id}:{}", challenge.answer))
-        .arg("PX")
-        .arg(ttl.as_millis() as u64)
-        .query_async(&mut conn)
+    state
+        .store
+        .put_captcha(
+            id,
+            &captcha_id,
+            &format!("{user_id}:{}", challenge.answer),
+            ttl,
+        )
         .await?;
     let expires_ms = Utc::now().timestamp_millis() + ttl.as_millis() as i64;
     Ok(json(

@@ -18,18 +18,13 @@ pub async fn health(_req: Request) -> Result<Response, ApiError> {
 /// `200` when Redis and PostgreSQL both answer, else `503` saying which is down.
 pub async fn ready(req: Request) -> Result<Response, ApiError> {
     let state = &req.state;
-    let mut conn = state.redis.clone();
     let redis_ok = matches!(
-        tokio::time::timeout(
-            READY_TIMEOUT,
-            redis::cmd("PING").query_async::<String>(&mut conn)
-        )
-        .await,
-        Ok(Ok(_))
+        tokio::time::timeout(READY_TIMEOUT, state.store.ping()).await,
+        Ok(Ok(()))
     );
     let db_ok = matches!(
-        tokio::time::timeout(READY_TIMEOUT, sqlx::query("SELECT 1").execute(&state.db)).await,
-        Ok(Ok(_))
+        tokio::time::timeout(READY_TIMEOUT, crate::db::ping(&state.db)).await,
+        Ok(Ok(()))
     );
     let word = |ok: bool| if ok { "ok" } else { "down" };
     let body = serde_json::json!({

@@ -9,10 +9,7 @@ use crate::http::{ApiError, Response, json};
 
 pub async fn list(req: Request) -> Result<Response, ApiError> {
     let state = &req.state;
-    let listed = state
-        .cache
-        .open(&state.db, &state.redis, &state.keys)
-        .await?;
+    let listed = state.cache.open(&state.db, &state.store).await?;
     let now = Utc::now();
     let items: Vec<_> = listed
         .iter()
@@ -28,10 +25,7 @@ pub async fn list(req: Request) -> Result<Response, ApiError> {
 pub async fn get(req: Request) -> Result<Response, ApiError> {
     let id = req.id()?;
     let state = &req.state;
-    let listed = state
-        .cache
-        .open(&state.db, &state.redis, &state.keys)
-        .await?;
+    let listed = state.cache.open(&state.db, &state.store).await?;
     let now = Utc::now();
     let found = listed
         .iter()

@@ -13,8 +13,7 @@ use crate::http::request::Request;
 use crate::http::{ApiError, Response, json};
 use crate::orders::repo as orders;
 use crate::promotions::cache::SoldOut;
-use crate::stock::Outcome;
-use crate::stock::scripts::Buyer;
+use crate::stock::{Buyer, Outcome};
 
 /// The purchase body: `{}` or `{"token": "..."}`. There is no quantity: one
 /// call buys one unit, and unknown fields are refused.
@@ -29,7 +28,7 @@ pub async fn purchase(req: Request) -> Result<Response, ApiError> {
     let user_id = req.user()?;
     let state = req.state.clone();
     if let Err(limited) = state.limits.check_user(user_id) {
-        return Err(rejected("rate_limited", limited.into()));
+        return Err(rejected(limited.into()));
     }
     let body: PurchaseBody = req.json().await?;
 
@@ -40,15 +39,15 @@ pub async fn purchase(req: Request) -> Result<Response, ApiError> {
 
     let meta = state
         .cache
-        .meta(&state.redis, &state.keys, id)
+        .meta(&state.store, id)
         .await?
         .ok_or_else(ApiError::not_found)?;
     let now_ms = Utc::now().timestamp_millis();
     if now_ms < meta.starts_ms {
-        return Err(rejected("not_started", ApiError::not_started()));
+        return Err(rejected(ApiError::not_started()));
     }
     if now_ms >= meta.ends_ms {
-        return Err(rejected("ended", ApiError::ended()));
+        return Err(rejected(ApiError::ended()));
     }
     if meta.require_token
         && let Err(why) = state
@@ -61,16 +60,16 @@ pub async fn purchase(req: Request) -> Result<Response, ApiError> {
             ?why,
             "admission token refused"
         );
-        return Err(rejected("invalid_token", ApiError::invalid_token()));
+        return Err(rejected(ApiError::invalid_token()));
     }
     let probe = match state.cache.sold_out(id).await {
-        SoldOut::Fresh => return Err(rejected("sold_out", ApiError::sold_out())),
+        SoldOut::Fresh => return Err(rejected(ApiError::sold_out())),
         SoldOut::Probe(guard) => Some(guard),
         SoldOut::NotFlagged => None,
     };
     // Only what will reach Redis counts against the ceiling that protects it.
     if let Err(limited) = state.limits.check_global() {
-        return Err(rejected("rate_limited", limited.into()));
+        return Err(rejected(limited.into()));
     }
 
     let buyer = Buyer {
@@ -94,26 +93,21 @@ pub async fn purchase(req: Request) -> Result<Response, ApiError> {
         }
         Outcome::SoldOut => {
             state.cache.mark_sold_out(id).await;
-            Err(rejected("sold_out", ApiError::sold_out()))
+            Err(rejected(outcome.into()))
         }
-        Outcome::AlreadyPurchased => {
-            Err(rejected("already_purchased", ApiError::already_purchased()))
-        }
-        Outcome::NotStarted => Err(rejected("not_started", ApiError::not_started())),
-        Outcome::Ended => Err(rejected("ended", ApiError::ended())),
         Outcome::Unknown => {
             // The cache knew the promotion but Redis has no state for it:
-            // Redis lost it, or it was just deleted. Never guess.
+            // forget what the cache knows, so the next request asks again.
             state.cache.invalidate(id).await;
-            Err(ApiError::unavailable(
-                "the promotion's sale state is not loaded",
-            ))
+            Err(outcome.into())
         }
+        refused => Err(rejected(refused.into())),
     }
 }
 
-fn rejected(outcome: &'static str, e: ApiError) -> ApiError {
-    metrics::counter!("seckill_purchases_total", "outcome" => outcome).increment(1);
+/// Counts a refused purchase under its error code.
+fn rejected(e: ApiError) -> ApiError {
+    metrics::counter!("seckill_purchases_total", "outcome" => e.code.as_str()).increment(1);
     e
 }
 
@@ -123,12 +117,7 @@ pub async fn result(req: Request) -> Result<Response, ApiError> {
     let id = req.id()?;
     let user_id = req.user()?;
     let state = &req.state;
-    let mut conn = state.redis.clone();
-    let in_redis: Option<String> = redis::cmd("HGET")
-        .arg(state.keys.promotion(id).results)
-        .arg(user_id)
-        .query_async(&mut conn)
-        .await?;
+    let in_redis = state.store.latest_order(id, user_id).await?;
     let (status, order_id) = match in_redis {
         Some(order_id) if orders::exists(&state.db, &order_id).await? => {
             ("confirmed", Some(order_id))

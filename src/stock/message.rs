@@ -1,9 +1,11 @@
-//! The order message the purchase script appends to a promotion's stream.
+//! The order message `lua/purchase.lua` appends to a promotion's stream, and
+//! a stream entry as a worker holds it.
 
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use redis::Value;
+use redis::streams::StreamId;
 
 /// One order, as written by `lua/purchase.lua`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +44,39 @@ impl OrderMessage {
             price_cents: int("price_cents")?,
             created_at: DateTime::from_timestamp_millis(int("created_ms")?)?,
         })
+    }
+}
+
+/// One stream entry in hand: where it came from and what it says.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub stream: String,
+    pub id: String,
+    /// `None` when the entry is malformed (it goes to the dead-letter stream).
+    pub message: Option<OrderMessage>,
+    /// The raw fields of a malformed entry, for its dead-letter copy.
+    pub raw: Vec<(String, String)>,
+}
+
+impl Entry {
+    pub fn new(stream: &str, sid: StreamId) -> Entry {
+        let message = OrderMessage::from_fields(&sid.map);
+        // The raw fields are kept only for the dead-letter copy of a
+        // malformed entry: a well-formed one would pay an allocation per field.
+        let raw = if message.is_some() {
+            Vec::new()
+        } else {
+            sid.map
+                .iter()
+                .map(|(k, v)| (k.clone(), format!("{v:?}")))
+                .collect()
+        };
+        Entry {
+            stream: stream.to_string(),
+            id: sid.id,
+            message,
+            raw,
+        }
     }
 }
 

@@ -1,0 +1,733 @@
+//! The Redis store: every Redis command the program sends, behind typed
+//! functions. Nothing outside this module builds a Redis command.
+//!
+//! [`Store`] holds one connection and the key names. The gateway's store
+//! shares one multiplexed connection (cheap clones, one socket, reconnects by
+//! itself) with a short reply timeout; each order worker has a store of its
+//! own, because `XREADGROUP … BLOCK` holds its connection, with a reply
+//! timeout longer than the block. [`connect`] builds both kinds.
+//!
+//! This is the seam a Redis Cluster client plugs into: every command of one
+//! promotion touches keys of one hash tag (see [`Keys`]), and the few that
+//! span promotions (the live set, `MGET` of stock keys, reading several
+//! streams) are here and nowhere else.
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use anyhow::Context;
+use futures_util::{Stream, StreamExt};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::streams::{
+    StreamAutoClaimOptions, StreamAutoClaimReply, StreamPendingReply, StreamRangeReply,
+    StreamReadOptions, StreamReadReply,
+};
+use redis::{AsyncCommands, ErrorKind, RedisError, RedisResult};
+
+use super::keys::Keys;
+use super::lua::{self, Name, codes, script};
+use super::message::{Entry, OrderMessage};
+
+/// Entries read per page when a stream is read whole, and members written
+/// per command when a hash or set is refilled.
+const CHUNK: usize = 1000;
+
+/// How a connection waits for Redis.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectOptions {
+    /// A reply slower than this fails the command.
+    pub response_timeout: Duration,
+    pub connection_timeout: Duration,
+    /// Reconnection attempts before a command fails.
+    pub retries: usize,
+    /// Longest wait between reconnection attempts.
+    pub max_delay: Duration,
+}
+
+impl ConnectOptions {
+    /// For ordinary commands: a slow reply means Redis is in trouble, so
+    /// fail fast and let the caller answer `503`.
+    pub fn commands(response_timeout: Duration) -> Self {
+        ConnectOptions {
+            response_timeout,
+            connection_timeout: Duration::from_secs(1),
+            retries: 1,
+            max_delay: Duration::from_millis(500),
+        }
+    }
+
+    /// For a consumer that blocks on `XREADGROUP` for up to `block`.
+    pub fn blocking(block: Duration) -> Self {
+        ConnectOptions {
+            response_timeout: block + Duration::from_secs(5),
+            connection_timeout: Duration::from_secs(2),
+            retries: 2,
+            max_delay: Duration::from_secs(2),
+        }
+    }
+}
+
+/// A multiplexed connection to `url`.
+pub async fn connect(url: &str, options: ConnectOptions) -> anyhow::Result<ConnectionManager> {
+    let client = redis::Client::open(url).context("invalid redis url")?;
+    let config = ConnectionManagerConfig::new()
+        .set_response_timeout(Some(options.response_timeout))
+        .set_connection_timeout(Some(options.connection_timeout))
+        .set_number_of_retries(options.retries)
+        .set_max_delay(options.max_delay);
+    ConnectionManager::new_with_config(client, config)
+        .await
+        .context("failed to connect to redis")
+}
+
+/// What the purchase script decided for one buyer. These are business
+/// outcomes, not errors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Bought {
+        order_id: String,
+    },
+    SoldOut,
+    AlreadyPurchased,
+    NotStarted,
+    Ended,
+    /// Redis has no state for the promotion (never preheated, deleted, or lost).
+    Unknown,
+}
+
+/// What `lua/issue_token.lua` decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Admitted (now or before): a token may be signed.
+    Admitted,
+    /// The cap is reached or nothing is left.
+    SoldOut,
+    NotStarted,
+    Ended,
+    /// Redis has no state for the promotion.
+    Unknown,
+}
+
+/// What `lua/restock.lua` did with an order's unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restock {
+    /// The unit is back on sale.
+    Returned,
+    /// It had come back already (a retried or concurrent cancel).
+    AlreadyReturned,
+    /// Redis has no state for the promotion; recovery will count the order.
+    NoState,
+}
+
+/// The fields of a promotion that the sale needs, as kept in its `meta` hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromotionMeta {
+    pub id: i64,
+    pub starts_ms: i64,
+    pub ends_ms: i64,
+    pub per_user_limit: i64,
+    pub price_cents: i64,
+    pub stock: i64,
+    pub require_token: bool,
+    pub require_captcha: bool,
+}
+
+/// A buyer for the purchase script: the user and the order id to use if they win.
+#[derive(Debug, Clone)]
+pub struct Buyer {
+    pub user_id: i64,
+    pub order_id: String,
+}
+
+/// Live counters of one promotion in Redis, read in one round trip.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LiveCounters {
+    /// Units left on sale; `None` when Redis has no stock key for it.
+    pub remaining: Option<i64>,
+    /// Purchases accepted.
+    pub sold: i64,
+    /// Units given back by cancels and expiries.
+    pub returned: i64,
+    /// Order messages not yet persisted and acknowledged.
+    pub in_stream: i64,
+    /// Whether the meta hash exists (the promotion can be sold).
+    pub has_meta: bool,
+}
+
+/// An error for a reply the program does not understand: never guessed at.
+fn unexpected(what: &'static str, detail: impl ToString) -> RedisError {
+    RedisError::from((ErrorKind::UnexpectedReturnType, what, detail.to_string()))
+}
+
+/// The Redis side of the system: one connection and the key names.
+#[derive(Clone)]
+pub struct Store {
+    conn: ConnectionManager,
+    keys: Keys,
+}
+
+impl Store {
+    pub fn new(conn: ConnectionManager, keys: Keys) -> Self {
+        Store { conn, keys }
+    }
+
+    /// A store on a connection of its own.
+    pub async fn connect(url: &str, keys: Keys, options: ConnectOptions) -> anyhow::Result<Store> {
+        Ok(Store::new(connect(url, options).await?, keys))
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// `PING`: whether Redis answers.
+    pub async fn ping(&self) -> RedisResult<()> {
+        let _: String = self.conn().ping().await?;
+        Ok(())
+    }
+
+    // ---- Scripts -------------------------------------------------------
+
+    /// Loads every script into Redis (`SCRIPT LOAD`) and logs its SHA. A
+    /// script Redis refuses (a syntax error, say) is an error naming it.
+    pub async fn load_scripts(&self) -> anyhow::Result<()> {
+        let mut conn = self.conn();
+        for lua in lua::all() {
+            let sha = lua.script.load_async(&mut conn).await.with_context(|| {
+                format!("redis refused lua script {} ({})", lua.name, lua.origin)
+            })?;
+            anyhow::ensure!(
+                sha == lua.script.get_hash(),
+                "redis computed another SHA for {}: {sha}",
+                lua.name
+            );
+            tracing::info!(script = lua.name, sha = %sha, origin = %lua.origin, "lua script loaded");
+        }
+        Ok(())
+    }
+
+    /// Runs `lua/purchase.lua` for `buyers` of promotion `id`; one outcome
+    /// per buyer, in order.
+    pub async fn purchase(&self, id: i64, buyers: &[Buyer]) -> RedisResult<Vec<Outcome>> {
+        let k = self.keys.promotion(id);
+        let mut call = script(Name::Purchase).prepare_invoke();
+        call.key(&k.meta)
+            .key(&k.stock)
+            .key(&k.buyers)
+            .key(&k.orders)
+            .key(&k.results)
+            .arg(buyers.len());
+        for b in buyers {
+            call.arg(b.user_id).arg(&b.order_id);
+        }
+        let replies: Vec<i64> = call.invoke_async(&mut self.conn()).await?;
+        if replies.len() != buyers.len() {
+            return Err(unexpected(
+                "purchase.lua returned the wrong number of outcomes",
+                format!("{} for {} buyers", replies.len(), buyers.len()),
+            ));
+        }
+        replies
+            .into_iter()
+            .zip(buyers)
+            .map(|(code, b)| {
+                use codes::purchase as c;
+                Ok(match code {
+                    c::BOUGHT => Outcome::Bought {
+                        order_id: b.order_id.clone(),
+                    },
+                    c::SOLD_OUT => Outcome::SoldOut,
+                    c::ALREADY_PURCHASED => Outcome::AlreadyPurchased,
+                    c::NOT_STARTED => Outcome::NotStarted,
+                    c::ENDED => Outcome::Ended,
+                    c::UNKNOWN => Outcome::Unknown,
+                    other => {
+                        return Err(unexpected("purchase.lua returned an unknown code", other));
+                    }
+                })
+            })
+            .collect()
+    }
+
+    /// The keys and arguments preheat.lua and recover.lua share: KEYS meta,
+    /// stock, orders; ARGV 1–9 the promotion's meta, the consumer group and
+    /// `require_captcha`.
+    fn with_meta<'a>(
+        &self,
+        script: &'a redis::Script,
+        meta: &PromotionMeta,
+    ) -> redis::ScriptInvocation<'a> {
+        let k = self.keys.promotion(meta.id);
+        let mut call = script.prepare_invoke();
+        call.key(&k.meta)
+            .key(&k.stock)
+            .key(&k.orders)
+            .arg(meta.id)
+            .arg(meta.starts_ms)
+            .arg(meta.ends_ms)
+            .arg(meta.per_user_limit)
+            .arg(meta.price_cents)
+            .arg(meta.stock)
+            .arg(u8::from(meta.require_token))
+            .arg(self.keys.consumer_group())
+            .arg(u8::from(meta.require_captcha));
+        call
+    }
+
+    /// Runs `lua/preheat.lua` (meta, stock, the workers' consumer group) and
+    /// adds the promotion to the live set the workers read. Returns the units
+    /// left on sale.
+    pub async fn preheat(&self, meta: &PromotionMeta) -> anyhow::Result<i64> {
+        let mut conn = self.conn();
+        let left: i64 = self
+            .with_meta(script(Name::Preheat), meta)
+            .invoke_async(&mut conn)
+            .await
+            .with_context(|| format!("failed to preheat promotion {} in redis", meta.id))?;
+        self.add_live(meta.id).await?;
+        Ok(left)
+    }
+
+    /// Runs `lua/recover.lua`: writes stock and meta unless the meta exists.
+    /// Returns whether the state was rebuilt.
+    pub async fn recover(
+        &self,
+        meta: &PromotionMeta,
+        sold: i64,
+        returned: i64,
+    ) -> RedisResult<bool> {
+        let code: i64 = self
+            .with_meta(script(Name::Recover), meta)
+            .arg(sold)
+            .arg(returned)
+            .invoke_async(&mut self.conn())
+            .await?;
+        match code {
+            codes::recover::REBUILT => Ok(true),
+            codes::recover::STATE_EXISTED => Ok(false),
+            other => Err(unexpected("recover.lua returned an unknown code", other)),
+        }
+    }
+
+    /// Runs `lua/restock.lua`: gives the unit of `order_id` back, once.
+    pub async fn restock(&self, promotion_id: i64, order_id: &str) -> RedisResult<Restock> {
+        let k = self.keys.promotion(promotion_id);
+        let code: i64 = script(Name::Restock)
+            .key(&k.meta)
+            .key(&k.stock)
+            .key(&k.returned)
+            .arg(order_id)
+            .invoke_async(&mut self.conn())
+            .await?;
+        match code {
+            codes::restock::RETURNED => Ok(Restock::Returned),
+            codes::restock::ALREADY_RETURNED => Ok(Restock::AlreadyReturned),
+            codes::restock::NO_STATE => Ok(Restock::NoState),
+            other => Err(unexpected("restock.lua returned an unknown code", other)),
+        }
+    }
+
+    /// Runs `lua/issue_token.lua` for `user_id`.
+    pub async fn issue_token(
+        &self,
+        id: i64,
+        user_id: i64,
+        cap_multiple: u64,
+    ) -> RedisResult<Admission> {
+        let k = self.keys.promotion(id);
+        let code: i64 = script(Name::IssueToken)
+            .key(&k.meta)
+            .key(&k.stock)
+            .key(&k.tokens)
+            .arg(user_id)
+            .arg(cap_multiple)
+            .invoke_async(&mut self.conn())
+            .await?;
+        use codes::issue_token as c;
+        match code {
+            c::ADMITTED | c::ADMITTED_BEFORE => Ok(Admission::Admitted),
+            c::REFUSED => Ok(Admission::SoldOut),
+            c::NOT_STARTED => Ok(Admission::NotStarted),
+            c::ENDED => Ok(Admission::Ended),
+            c::UNKNOWN => Ok(Admission::Unknown),
+            other => Err(unexpected(
+                "issue_token.lua returned an unknown code",
+                other,
+            )),
+        }
+    }
+
+    // ---- A promotion's state -------------------------------------------
+
+    /// Reads a promotion's meta hash; `None` when Redis has no state for it.
+    pub async fn meta(&self, id: i64) -> RedisResult<Option<PromotionMeta>> {
+        let fields: Vec<Option<i64>> = self
+            .conn()
+            .hmget(
+                self.keys.promotion(id).meta,
+                &[
+                    "id",
+                    "starts_ms",
+                    "ends_ms",
+                    "limit",
+                    "price_cents",
+                    "stock",
+                    "require_token",
+                    "require_captcha",
+                ],
+            )
+            .await?;
+        let [
+            Some(id),
+            Some(starts_ms),
+            Some(ends_ms),
+            Some(limit),
+            Some(price_cents),
+            Some(stock),
+            require_token,
+            require_captcha,
+        ] = fields[..]
+        else {
+            return Ok(None);
+        };
+        Ok(Some(PromotionMeta {
+            id,
+            starts_ms,
+            ends_ms,
+            per_user_limit: limit,
+            price_cents,
+            stock,
+            require_token: require_token == Some(1),
+            require_captcha: require_captcha == Some(1),
+        }))
+    }
+
+    /// Stock, `sold`, `returned`, the stream length and whether the meta
+    /// exists, in one round trip.
+    pub async fn counters(&self, id: i64) -> RedisResult<LiveCounters> {
+        let k = self.keys.promotion(id);
+        let (remaining, sold, returned, in_stream, has_meta): (
+            Option<i64>,
+            Option<i64>,
+            Option<i64>,
+            i64,
+            bool,
+        ) = redis::pipe()
+            .get(&k.stock)
+            .hget(&k.meta, "sold")
+            .hget(&k.meta, "returned")
+            .xlen(&k.orders)
+            .exists(&k.meta)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(LiveCounters {
+            remaining,
+            sold: sold.unwrap_or(0),
+            returned: returned.unwrap_or(0),
+            in_stream,
+            has_meta,
+        })
+    }
+
+    /// Units left on sale for several promotions in one round trip.
+    pub async fn remaining_many(&self, ids: &[i64]) -> RedisResult<Vec<Option<i64>>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let stock_keys: Vec<String> = ids
+            .iter()
+            .map(|id| self.keys.promotion(*id).stock)
+            .collect();
+        self.conn().mget(stock_keys).await
+    }
+
+    /// The sum of every buyer's count (`HVALS`, O(buyers)).
+    pub async fn bought_by_buyers(&self, id: i64) -> RedisResult<i64> {
+        let counts: Vec<i64> = self.conn().hvals(self.keys.promotion(id).buyers).await?;
+        Ok(counts.iter().sum())
+    }
+
+    /// Removes a promotion's whole Redis state.
+    pub async fn forget(&self, id: i64) -> anyhow::Result<()> {
+        let k = self.keys.promotion(id);
+        redis::pipe()
+            .atomic()
+            .srem(self.keys.live_promotions(), id)
+            .del(&[
+                k.meta, k.stock, k.buyers, k.orders, k.results, k.returned, k.tokens,
+            ])
+            .exec_async(&mut self.conn())
+            .await
+            .with_context(|| format!("failed to remove promotion {id} from redis"))
+    }
+
+    /// Writes buyers' counts and latest order ids (recovery refilling a
+    /// promotion, before `recover.lua` makes it sellable).
+    pub async fn restore_buyers(&self, id: i64, buyers: &[(i64, i64, &str)]) -> anyhow::Result<()> {
+        let k = self.keys.promotion(id);
+        let mut conn = self.conn();
+        for chunk in buyers.chunks(CHUNK) {
+            let counts: Vec<(i64, i64)> = chunk.iter().map(|(u, n, _)| (*u, *n)).collect();
+            let latest: Vec<(i64, &str)> = chunk.iter().map(|(u, _, o)| (*u, *o)).collect();
+            redis::pipe()
+                .hset_multiple(&k.buyers, &counts)
+                .ignore()
+                .hset_multiple(&k.results, &latest)
+                .ignore()
+                .exec_async(&mut conn)
+                .await
+                .context("failed to restore the buyers")?;
+        }
+        Ok(())
+    }
+
+    /// Adds order ids to the set of orders whose unit came back.
+    pub async fn restore_returned(&self, id: i64, order_ids: &[String]) -> anyhow::Result<()> {
+        let key = self.keys.promotion(id).returned;
+        let mut conn = self.conn();
+        for chunk in order_ids.chunks(CHUNK) {
+            let _: usize = conn
+                .sadd(&key, chunk)
+                .await
+                .context("failed to restore the returned orders")?;
+        }
+        Ok(())
+    }
+
+    // ---- Buyers' results, captchas ---------------------------------------
+
+    /// The order id of `user_id`'s latest purchase in promotion `id`.
+    pub async fn latest_order(&self, id: i64, user_id: i64) -> RedisResult<Option<String>> {
+        self.conn()
+            .hget(self.keys.promotion(id).results, user_id)
+            .await
+    }
+
+    /// Whether `order_id` is `user_id`'s latest purchase in one of the live
+    /// promotions.
+    pub async fn is_latest_order_of(&self, user_id: i64, order_id: &str) -> RedisResult<bool> {
+        let live = self.live_promotions().await?;
+        if live.is_empty() {
+            return Ok(false);
+        }
+        let mut pipe = redis::pipe();
+        for id in &live {
+            pipe.hget(self.keys.promotion(*id).results, user_id);
+        }
+        let latest: Vec<Option<String>> = pipe.query_async(&mut self.conn()).await?;
+        Ok(latest.iter().flatten().any(|o| o == order_id))
+    }
+
+    /// Stores a captcha challenge's `value` for `ttl`.
+    pub async fn put_captcha(
+        &self,
+        id: i64,
+        challenge: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> RedisResult<()> {
+        self.conn()
+            .pset_ex(
+                self.keys.captcha(id, challenge),
+                value,
+                ttl.as_millis() as u64,
+            )
+            .await
+    }
+
+    /// Takes a captcha challenge's value out (`GETDEL`): a challenge is
+    /// answered once, right or wrong.
+    pub async fn take_captcha(&self, id: i64, challenge: &str) -> RedisResult<Option<String>> {
+        self.conn().get_del(self.keys.captcha(id, challenge)).await
+    }
+
+    // ---- The live set and cache invalidation ------------------------------
+
+    /// The ids of the promotions whose streams the workers read.
+    pub async fn live_promotions(&self) -> RedisResult<Vec<i64>> {
+        let ids: HashSet<i64> = self.conn().smembers(self.keys.live_promotions()).await?;
+        let mut ids: Vec<i64> = ids.into_iter().collect();
+        ids.sort_unstable();
+        Ok(ids)
+    }
+
+    /// Adds a promotion to the live set.
+    pub async fn add_live(&self, id: i64) -> anyhow::Result<()> {
+        let _: usize = self
+            .conn()
+            .sadd(self.keys.live_promotions(), id)
+            .await
+            .context("failed to register the promotion's order stream")?;
+        Ok(())
+    }
+
+    /// Tells every gateway that promotion `id` changed. Best effort: the
+    /// cache TTL covers a lost message.
+    pub async fn publish_changed(&self, id: i64) {
+        let published: RedisResult<usize> = self.conn().publish(self.keys.events(), id).await;
+        if let Err(e) = published {
+            tracing::warn!(promotion = id, error = %e, "failed to publish a cache invalidation");
+        }
+    }
+
+    // ---- Order streams -------------------------------------------------------
+
+    /// Reads up to `count` entries per stream never delivered before, waiting
+    /// up to `block` when there are none. Every entry of the reply is
+    /// returned: once read, they are pending with this consumer. `Ok(None)`
+    /// when a stream has no consumer group (Redis lost it): call
+    /// [`Store::create_groups`].
+    pub async fn read_new(
+        &self,
+        consumer: &str,
+        streams: &[String],
+        count: usize,
+        block: Duration,
+    ) -> anyhow::Result<Option<Vec<Entry>>> {
+        let options = StreamReadOptions::default()
+            .group(self.keys.consumer_group(), consumer)
+            .count(count)
+            .block(block.as_millis() as usize);
+        let ids = vec![">"; streams.len()];
+        let reply: Option<StreamReadReply> =
+            match self.conn().xread_options(streams, &ids, &options).await {
+                Ok(r) => r,
+                Err(e) if e.code() == Some("NOGROUP") => return Ok(None),
+                Err(e) => return Err(e).context("failed to read order streams"),
+            };
+        let mut out = Vec::new();
+        for key in reply.map(|r| r.keys).unwrap_or_default() {
+            out.extend(key.ids.into_iter().map(|sid| Entry::new(&key.key, sid)));
+        }
+        Ok(Some(out))
+    }
+
+    /// Creates the consumer group of each stream that lacks one.
+    pub async fn create_groups(&self, streams: &[String]) -> anyhow::Result<()> {
+        let mut conn = self.conn();
+        for stream in streams {
+            let created: RedisResult<()> = conn
+                .xgroup_create_mkstream(stream, self.keys.consumer_group(), "0")
+                .await;
+            match created {
+                Ok(()) => tracing::warn!(%stream, "order stream had no consumer group; created it"),
+                Err(e) if e.code() == Some("BUSYGROUP") => {}
+                Err(e) => return Err(e).context("failed to create a consumer group"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Claims up to `count` entries of `stream` another consumer has held
+    /// longer than `idle`.
+    pub async fn claim(
+        &self,
+        stream: &str,
+        consumer: &str,
+        idle: Duration,
+        count: usize,
+    ) -> anyhow::Result<Vec<Entry>> {
+        let reply: RedisResult<StreamAutoClaimReply> = self
+            .conn()
+            .xautoclaim_options(
+                stream,
+                self.keys.consumer_group(),
+                consumer,
+                idle.as_millis() as u64,
+                "0-0",
+                StreamAutoClaimOptions::default().count(count),
+            )
+            .await;
+        match reply {
+            Ok(r) => Ok(r
+                .claimed
+                .into_iter()
+                .map(|sid| Entry::new(stream, sid))
+                .collect()),
+            Err(e) if e.code() == Some("NOGROUP") => Ok(Vec::new()),
+            Err(e) => Err(e).context("failed to claim abandoned orders"),
+        }
+    }
+
+    /// Acknowledges and deletes `entries`, in one round trip; malformed ones
+    /// are copied to the dead-letter stream first.
+    pub async fn ack(&self, entries: &[Entry]) -> RedisResult<()> {
+        let mut by_stream: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for e in entries {
+            by_stream.entry(&e.stream).or_default().push(&e.id);
+        }
+        let mut pipe = redis::pipe();
+        for e in entries.iter().filter(|e| e.message.is_none()) {
+            let mut fields = vec![
+                ("stream".to_string(), e.stream.clone()),
+                ("id".to_string(), e.id.clone()),
+            ];
+            fields.extend(e.raw.iter().cloned());
+            pipe.xadd(self.keys.dead_letters(), "*", &fields).ignore();
+        }
+        for (stream, ids) in &by_stream {
+            pipe.atomic()
+                .xack(*stream, self.keys.consumer_group(), ids)
+                .ignore()
+                .xdel(*stream, ids)
+                .ignore();
+        }
+        pipe.exec_async(&mut self.conn()).await
+    }
+
+    /// The length and pending count of promotion `id`'s stream.
+    pub async fn stream_depth(&self, id: i64) -> RedisResult<(i64, i64)> {
+        let stream = self.keys.promotion(id).orders;
+        let (len, pending): (i64, StreamPendingReply) = redis::pipe()
+            .xlen(&stream)
+            .xpending(&stream, self.keys.consumer_group())
+            .query_async(&mut self.conn())
+            .await?;
+        Ok((len, pending.count() as i64))
+    }
+
+    /// The order messages still in promotion `id`'s stream, read in pages
+    /// (empty when the stream is gone).
+    pub async fn stream_orders(&self, id: i64) -> anyhow::Result<Vec<OrderMessage>> {
+        let stream = self.keys.promotion(id).orders;
+        let mut conn = self.conn();
+        let mut out = Vec::new();
+        let mut start = "-".to_string();
+        loop {
+            let page: StreamRangeReply = conn
+                .xrange_count(&stream, &start, "+", CHUNK)
+                .await
+                .context("failed to read the order stream")?;
+            let Some(last) = page.ids.last().map(|e| e.id.clone()) else {
+                break;
+            };
+            let full = page.ids.len() == CHUNK;
+            out.extend(
+                page.ids
+                    .iter()
+                    .filter_map(|e| OrderMessage::from_fields(&e.map)),
+            );
+            if !full {
+                break;
+            }
+            start = format!("({last}");
+        }
+        Ok(out)
+    }
+}
+
+/// The promotion ids published on the invalidation channel, from a
+/// subscription of its own, until the connection drops.
+pub async fn subscribe_changes(
+    redis_url: &str,
+    keys: &Keys,
+) -> RedisResult<impl Stream<Item = RedisResult<i64>> + use<>> {
+    let client = redis::Client::open(redis_url)?;
+    let mut pubsub = client.get_async_pubsub().await?;
+    pubsub.subscribe(keys.events()).await?;
+    Ok(pubsub.into_on_message().map(|msg| msg.get_payload::<i64>()))
+}
