@@ -7,6 +7,7 @@ mod procs;
 
 mod admin;
 mod compose;
+mod docs;
 mod faults;
 mod fuzz;
 mod input;
