@@ -91,10 +91,6 @@ impl Worker {
         })
     }
 
-    pub fn consumer(&self) -> &str {
-        &self.consumer
-    }
-
     /// Runs until `shutdown`; the batch in hand is finished (committed and
     /// acknowledged) or left pending for another consumer, never half.
     pub async fn run(mut self, shutdown: CancellationToken) {
