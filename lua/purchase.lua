@@ -12,6 +12,7 @@ KEYS[2]  {P:p:ID}:stock    string  units left on sale
 KEYS[3]  {P:p:ID}:buyers   hash  user id -> units bought
 KEYS[4]  {P:p:ID}:orders   stream  one entry per unit taken, read by the workers
 KEYS[5]  {P:p:ID}:results  hash  user id -> order id of the buyer's latest purchase
+KEYS[6]  {P:p:ID}:won      set   ids of the orders accepted so far
 
 ARGV[1]          n, the number of buyers in this call (>= 1)
 ARGV[2k], [2k+1] for k = 1..n: the buyer's user id and the order id to use if
@@ -19,7 +20,8 @@ ARGV[2k], [2k+1] for k = 1..n: the buyer's user id and the order id to use if
 
 Returns an array of n integers, one per buyer, in order (named in Rust as
 `stock::lua::codes::purchase`):
-  1  bought: the unit is taken and the order is in the stream
+  1  bought: the unit is taken and the order is in the stream (also for a
+     replayed call whose order id was accepted before: nothing is taken again)
   0  sold out
   2  already purchased: the buyer has reached per-user limit
   3  not started      4  ended
@@ -37,7 +39,9 @@ Invariants (each has a test):
   - stock, the buyer's count, sold, the result and the stream entry change
     together or not at all (a script runs atomically);
   - stock + sold - returned = initial stock, always;
-  - time is Redis's own clock, the one every gateway shares.
+  - time is Redis's own clock, the one every gateway shares;
+  - an order id is accepted at most once: a call replayed after a lost reply
+    answers "bought" for the orders it already took and takes nothing twice.
 ]]
 
 local n = tonumber(ARGV[1])
@@ -58,13 +62,12 @@ local price_cents = meta[5]
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
+-- 0: the window is open; else the code every new order of this call gets.
+local closed = 0
 if now_ms < starts_ms then
-  for i = 1, n do out[i] = 3 end
-  return out
-end
-if now_ms >= ends_ms then
-  for i = 1, n do out[i] = 4 end
-  return out
+  closed = 3
+elseif now_ms >= ends_ms then
+  closed = 4
 end
 
 local stock = tonumber(redis.call('GET', KEYS[2]) or '0')
@@ -72,24 +75,31 @@ local stock = tonumber(redis.call('GET', KEYS[2]) or '0')
 for i = 1, n do
   local user_id = ARGV[2 * i]
   local order_id = ARGV[2 * i + 1]
-  local bought = tonumber(redis.call('HGET', KEYS[3], user_id) or '0')
-  if bought >= limit then
-    out[i] = 2
-  elseif stock <= 0 then
-    out[i] = 0
-  else
-    stock = redis.call('DECR', KEYS[2])
-    local seq = redis.call('HINCRBY', KEYS[3], user_id, 1)
-    redis.call('HINCRBY', KEYS[1], 'sold', 1)
-    redis.call('HSET', KEYS[5], user_id, order_id)
-    redis.call('XADD', KEYS[4], '*',
-      'order_id', order_id,
-      'promotion_id', promotion_id,
-      'user_id', user_id,
-      'seq', seq,
-      'price_cents', price_cents,
-      'created_ms', now_ms)
+  if redis.call('SISMEMBER', KEYS[6], order_id) == 1 then
     out[i] = 1
+  elseif closed ~= 0 then
+    out[i] = closed
+  else
+    local bought = tonumber(redis.call('HGET', KEYS[3], user_id) or '0')
+    if bought >= limit then
+      out[i] = 2
+    elseif stock <= 0 then
+      out[i] = 0
+    else
+      stock = redis.call('DECR', KEYS[2])
+      local seq = redis.call('HINCRBY', KEYS[3], user_id, 1)
+      redis.call('HINCRBY', KEYS[1], 'sold', 1)
+      redis.call('HSET', KEYS[5], user_id, order_id)
+      redis.call('SADD', KEYS[6], order_id)
+      redis.call('XADD', KEYS[4], '*',
+        'order_id', order_id,
+        'promotion_id', promotion_id,
+        'user_id', user_id,
+        'seq', seq,
+        'price_cents', price_cents,
+        'created_ms', now_ms)
+      out[i] = 1
+    end
   end
 end
 

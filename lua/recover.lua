@@ -2,15 +2,19 @@
 recover.lua: rebuild a promotion's sale state from the counts PostgreSQL
 (and whatever remains of the stream) gives, when Redis lost it.
 
-Run by `seckill recover` and at start-up, after the buyers, results and
-returned keys were refilled (HSET/SADD in chunks; their values are derived
-from PostgreSQL, so refilling twice writes the same thing). Until this script
-has run, the meta hash is missing and purchase.lua answers "unknown" for the
-promotion, so nothing is sold from a half-rebuilt state.
+Run by `seckill recover` and at start-up, after refill.lua refilled the
+buyers, results, returned and won keys. Until this script has run, the meta
+hash is missing and purchase.lua answers "unknown" for the promotion, so
+nothing is sold from a half-rebuilt state. A recovery holds the promotion's
+`recovering` lock (SET NX with a TTL, its value a token of its own) from
+before it reads PostgreSQL; this script, like refill.lua, writes only while
+the caller still holds it, so a recovery whose lock lapsed (paused, slow)
+can never overwrite the state a later one rebuilt and buyers changed since.
 
 KEYS[1]  {P:p:ID}:meta     hash (see purchase.lua)
 KEYS[2]  {P:p:ID}:stock    string
 KEYS[3]  {P:p:ID}:orders   stream
+KEYS[4]  {P:p:ID}:recovering  string  the recovery lock's token
 
 ARGV[1]     promotion id
 ARGV[2..7]  starts_ms, ends_ms, limit, price_cents, initial stock,
@@ -19,17 +23,24 @@ ARGV[8]     the workers' consumer group name
 ARGV[9]     require_captcha (0 or 1)
 ARGV[10]    sold: orders that exist (in PostgreSQL or still in the stream)
 ARGV[11]    returned: cancelled orders whose unit is back
+ARGV[12]    the caller's lock token
 
-Returns (`stock::lua::codes::recover`) 1 when the state was rebuilt, 0 when
-the meta hash existed (nothing changed: running recovery twice is harmless).
+Returns (`stock::lua::codes::recover`) 1 when the state was rebuilt (the lock
+is released), 0 when the meta hash existed (nothing changed: running recovery
+twice is harmless), 2 when the caller no longer holds the lock (nothing
+changed).
 
 Invariants:
   - stock = initial - sold + returned, never below zero;
-  - the state appears at once (meta is written last, in this one call).
+  - the state appears at once (meta is written last, in this one call);
+  - only the holder of the lock writes.
 ]]
 
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return 0
+end
+if redis.call('GET', KEYS[4]) ~= ARGV[12] then
+  return 2
 end
 
 local sold = tonumber(ARGV[10])
@@ -54,4 +65,5 @@ redis.call('HSET', KEYS[1],
   'require_captcha', ARGV[9],
   'sold', sold,
   'returned', returned)
+redis.call('DEL', KEYS[4])
 return 1

@@ -25,11 +25,13 @@
 //! - [`auth`], [`admission`], [`limit`]: user JWTs and the admin token;
 //!   admission tokens and captchas; rate limits.
 //! - [`pace`]: the cancellable sleep and the backoff of background loops.
+//! - [`checkpoint`]: pause points where tests force an interleaving.
 //! - [`telemetry`]: logging and metrics.
 
 pub mod admission;
 pub mod app;
 pub mod auth;
+pub mod checkpoint;
 pub mod config;
 pub mod db;
 pub mod http;

@@ -177,18 +177,24 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             let (db, store) = stores(&settings).await?;
             let rows = recovery::recover(&db, &store, promotion).await?;
             println!(
-                "{:>10} {:>9} {:>10} {:>10} {:>9}",
-                "promotion", "rebuilt", "remaining", "sold", "returned"
+                "{:>10} {:>9} {:>6} {:>10} {:>10} {:>9}",
+                "promotion", "rebuilt", "busy", "remaining", "sold", "returned"
             );
-            for r in rows {
+            let yes = |b: bool| if b { "yes" } else { "no" };
+            for r in &rows {
                 println!(
-                    "{:>10} {:>9} {:>10} {:>10} {:>9}",
+                    "{:>10} {:>9} {:>6} {:>10} {:>10} {:>9}",
                     r.promotion_id,
-                    if r.rebuilt { "yes" } else { "no" },
+                    yes(r.rebuilt),
+                    yes(r.busy),
                     r.remaining,
                     r.sold,
                     r.returned
                 );
+            }
+            if rows.iter().any(|r| r.busy) {
+                println!("another recovery holds a promotion: run again once it is done");
+                return Ok(ExitCode::FAILURE);
             }
         }
     }

@@ -15,16 +15,29 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::orders::{OrderStatus, repo as orders};
-use crate::pace;
 use crate::promotions::{Promotion, repo};
-use crate::stock::Store;
+use crate::stock::{Recover, Store};
+use crate::{checkpoint, pace};
+
+/// How long a recovery's lock on a promotion lasts without a write; each
+/// chunk it writes extends it. A recovery that stalls longer loses the lock,
+/// and its later writes are refused (the lock's token fences them).
+const LOCK_TTL: Duration = Duration::from_secs(60);
+
+/// The pause point after a recovery took its lock and read both stores,
+/// before it writes (see `checkpoint`).
+pub const AFTER_READ: &str = "recovery.after_read";
 
 /// What recovery did for one promotion.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recovered {
     pub promotion_id: i64,
-    /// False when Redis still had the state (nothing was changed).
+    /// False when Redis still had the state, or another recovery had it in
+    /// hand (nothing was changed).
     pub rebuilt: bool,
+    /// Another recovery holds the promotion's lock, or took it over while
+    /// this one ran: this one changed nothing.
+    pub busy: bool,
     pub remaining: i64,
     pub sold: i64,
     pub returned: i64,
@@ -62,14 +75,25 @@ async fn recover_one(db: &PgPool, store: &Store, p: &Promotion) -> anyhow::Resul
         .counters(p.id)
         .await
         .context("failed to check the promotion's redis state")?;
+    let unchanged = |busy| Recovered {
+        promotion_id: p.id,
+        rebuilt: false,
+        busy,
+        remaining: live.remaining.unwrap_or(0),
+        sold: live.sold,
+        returned: live.returned,
+    };
     if live.has_meta {
-        return Ok(Recovered {
-            promotion_id: p.id,
-            rebuilt: false,
-            remaining: live.remaining.unwrap_or(0),
-            sold: live.sold,
-            returned: live.returned,
-        });
+        return Ok(unchanged(false));
+    }
+    // One recovery per promotion at a time; the token fences its writes.
+    let token = uuid::Uuid::new_v4().simple().to_string();
+    if !store.lock_recovery(p.id, &token, LOCK_TTL).await? {
+        tracing::info!(
+            promotion = p.id,
+            "another recovery holds the promotion; skipped"
+        );
+        return Ok(unchanged(true));
     }
 
     // The stream first, then PostgreSQL: an entry persisted (and deleted
@@ -77,6 +101,7 @@ async fn recover_one(db: &PgPool, store: &Store, p: &Promotion) -> anyhow::Resul
     // in both is counted once.
     let in_stream = store.stream_orders(p.id).await?;
     let stored = orders::of_promotion(db, p.id).await?;
+    checkpoint::point(store.keys().prefix(), AFTER_READ).await;
 
     let mut seen: HashSet<String> = HashSet::new();
     // user → (units bought, latest order id and its seq)
@@ -109,14 +134,32 @@ async fn recover_one(db: &PgPool, store: &Store, p: &Promotion) -> anyhow::Resul
         .iter()
         .map(|(user, (n, _, latest))| (*user, *n, latest.as_str()))
         .collect();
-    store.restore_buyers(p.id, &buyer_list).await?;
-    store.restore_returned(p.id, &returned_ids).await?;
-    let rebuilt = store.recover(&p.meta(), sold, returned).await?;
+    let won: Vec<String> = seen.into_iter().collect();
+    let written = store
+        .refill_all(p.id, &token, LOCK_TTL, &buyer_list, &returned_ids, &won)
+        .await?;
+    let outcome = if written {
+        store.recover(&p.meta(), sold, returned, &token).await?
+    } else {
+        Recover::LockLost
+    };
+    match outcome {
+        Recover::Rebuilt => {}
+        Recover::StateExisted | Recover::LockLost => {
+            tracing::warn!(
+                promotion = p.id,
+                "another recovery took the promotion over; this one wrote nothing"
+            );
+            return Ok(unchanged(true));
+        }
+    }
     store.add_live(p.id).await?;
-    // Every cancelled order's unit is counted in the rebuilt stock.
-    orders::mark_all_restocked(db, p.id).await?;
+    // The units of the cancelled orders counted above are in the rebuilt
+    // stock: record them as returned, and only them (an order cancelled
+    // since is returned by its own restock, or the sweeper's).
+    orders::mark_restocked_all(db, &returned_ids).await?;
     let remaining = (p.stock - sold + returned).max(0);
-    if rebuilt {
+    {
         tracing::warn!(
             promotion = p.id,
             sold,
@@ -127,7 +170,8 @@ async fn recover_one(db: &PgPool, store: &Store, p: &Promotion) -> anyhow::Resul
     }
     Ok(Recovered {
         promotion_id: p.id,
-        rebuilt,
+        rebuilt: true,
+        busy: false,
         remaining,
         sold,
         returned,

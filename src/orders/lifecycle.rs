@@ -155,15 +155,19 @@ impl Lifecycle {
             .restock(promotion_id, order_id)
             .await
             .with_context(|| format!("failed to return the unit of order {order_id}"))?;
-        repo::mark_restocked(&self.db, order_id).await?;
         match done {
             Restock::Returned => {
+                repo::mark_restocked(&self.db, order_id).await?;
                 metrics::counter!("seckill_units_returned_total").increment(1);
                 self.store.publish_changed(promotion_id).await;
             }
-            Restock::AlreadyReturned => {}
+            Restock::AlreadyReturned => repo::mark_restocked(&self.db, order_id).await?,
             Restock::NoState => {
-                tracing::warn!(promotion = promotion_id, %order_id, "no redis state to return the unit to; recovery will count it")
+                // Not recorded as returned: the unit is back only when a
+                // script put it back. A recovery that read this order as
+                // cancelled counts it; otherwise the sweeper retries once
+                // the state is rebuilt.
+                tracing::warn!(promotion = promotion_id, %order_id, "no redis state to return the unit to; left for recovery or the sweeper")
             }
         }
         Ok(())

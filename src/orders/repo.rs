@@ -77,21 +77,77 @@ macro_rules! insert_batch_sql {
     };
 }
 const INSERT_BATCH: &str = insert_batch_sql!();
-const INSERT_BATCH_SKIPPING: &str = concat!(insert_batch_sql!(), " ON CONFLICT DO NOTHING");
+const INSERT_BATCH_SKIPPING: &str =
+    concat!(insert_batch_sql!(), " ON CONFLICT (order_id) DO NOTHING");
+
+/// What a batch insert did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Inserted {
+    /// Rows written (orders already there are skipped, not counted).
+    pub rows: u64,
+    /// Indices in the batch of the orders refused because another order
+    /// holds their buyer's `seq`: never written, for a person to look at.
+    pub conflicts: Vec<usize>,
+}
 
 /// Writes a batch in one statement. An order already there (a redelivered
-/// message) is skipped, not an error, so a redelivery can never poison the
-/// stream. Returns the number of rows actually inserted.
+/// message: same `order_id`) is skipped, not an error, so a redelivery can
+/// never poison the stream.
 ///
 /// The first try is a plain insert, which costs PostgreSQL about a fifth less
 /// per row than `ON CONFLICT` (no speculative insertion). When the batch holds
 /// an order already there (a redelivery after a crash, rare), it fails whole
 /// with a unique violation and writes nothing; it is then written again with
-/// `ON CONFLICT DO NOTHING`, which skips those rows.
-pub async fn insert_batch(db: &PgPool, batch: &[&OrderMessage]) -> anyhow::Result<u64> {
+/// `ON CONFLICT (order_id) DO NOTHING`, which skips those rows. Any other
+/// unique violation (a second order for one buyer's `seq`) is never skipped
+/// silently: the batch is then written row by row and the refused rows are
+/// returned in [`Inserted::conflicts`].
+pub async fn insert_batch(db: &PgPool, batch: &[&OrderMessage]) -> anyhow::Result<Inserted> {
     if batch.is_empty() {
-        return Ok(0);
+        return Ok(Inserted::default());
     }
+    let context = || format!("failed to insert a batch of {} orders", batch.len());
+    match insert_rows(db, INSERT_BATCH, batch).await {
+        Ok(rows) => {
+            return Ok(Inserted {
+                rows,
+                conflicts: Vec::new(),
+            });
+        }
+        Err(e) if !is_unique_violation(&e) => return Err(e).with_context(context),
+        Err(_) => {}
+    }
+    match insert_rows(db, INSERT_BATCH_SKIPPING, batch).await {
+        Ok(rows) => {
+            return Ok(Inserted {
+                rows,
+                conflicts: Vec::new(),
+            });
+        }
+        Err(e) if !is_unique_violation(&e) => return Err(e).with_context(context),
+        Err(_) => {}
+    }
+    let mut inserted = Inserted::default();
+    for (i, m) in batch.iter().enumerate() {
+        match insert_rows(db, INSERT_BATCH_SKIPPING, std::slice::from_ref(m)).await {
+            Ok(rows) => inserted.rows += rows,
+            Err(e) if is_unique_violation(&e) => inserted.conflicts.push(i),
+            Err(e) => return Err(e).with_context(context),
+        }
+    }
+    Ok(inserted)
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+}
+
+/// One `INSERT … SELECT FROM unnest(…)` of `batch` with `sql`.
+async fn insert_rows(
+    db: &PgPool,
+    sql: &'static str,
+    batch: &[&OrderMessage],
+) -> Result<u64, sqlx::Error> {
     let mut order_ids = Vec::with_capacity(batch.len());
     let mut promotion_ids = Vec::with_capacity(batch.len());
     let mut user_ids = Vec::with_capacity(batch.len());
@@ -106,23 +162,15 @@ pub async fn insert_batch(db: &PgPool, batch: &[&OrderMessage]) -> anyhow::Resul
         prices.push(m.price_cents);
         created.push(m.created_at);
     }
-    let insert = |sql: &'static str| {
-        sqlx::query(sql)
-            .bind(&order_ids)
-            .bind(&promotion_ids)
-            .bind(&user_ids)
-            .bind(&seqs)
-            .bind(&prices)
-            .bind(&created)
-            .execute(db)
-    };
-    let done = match insert(INSERT_BATCH).await {
-        Err(sqlx::Error::Database(e)) if e.is_unique_violation() => {
-            insert(INSERT_BATCH_SKIPPING).await
-        }
-        other => other,
-    }
-    .with_context(|| format!("failed to insert a batch of {} orders", batch.len()))?;
+    let done = sqlx::query(sql)
+        .bind(&order_ids)
+        .bind(&promotion_ids)
+        .bind(&user_ids)
+        .bind(&seqs)
+        .bind(&prices)
+        .bind(&created)
+        .execute(db)
+        .await?;
     Ok(done.rows_affected())
 }
 
@@ -265,17 +313,19 @@ pub async fn mark_restocked(db: &PgPool, order_id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Records that every cancelled order of a promotion has its unit back
-/// (recovery counted them all in the rebuilt stock).
-pub async fn mark_all_restocked(db: &PgPool, promotion_id: i64) -> anyhow::Result<()> {
-    sqlx::query(
-        "UPDATE orders SET restocked_at = now() \
-         WHERE promotion_id = $1 AND status = 'cancelled' AND restocked_at IS NULL",
-    )
-    .bind(promotion_id)
-    .execute(db)
-    .await
-    .context("failed to record the returned units")?;
+/// Records that the units of `order_ids` are back (recovery counted them in
+/// the stock it rebuilt).
+pub async fn mark_restocked_all(db: &PgPool, order_ids: &[String]) -> anyhow::Result<()> {
+    for chunk in order_ids.chunks(10_000) {
+        sqlx::query(
+            "UPDATE orders SET restocked_at = now() \
+             WHERE order_id = ANY($1) AND restocked_at IS NULL",
+        )
+        .bind(chunk)
+        .execute(db)
+        .await
+        .context("failed to record the returned units")?;
+    }
     Ok(())
 }
 
@@ -301,12 +351,14 @@ pub async fn expire_unpaid(
     .context("failed to expire unpaid orders")
 }
 
-/// Up to `limit` cancelled orders whose unit is not recorded as back.
+/// Up to `limit` cancelled orders of promotions not yet ended whose unit is
+/// not recorded as back (a unit of an ended sale can no longer be sold).
 pub async fn awaiting_restock(db: &PgPool, limit: i64) -> anyhow::Result<Vec<(String, i64)>> {
     sqlx::query_as(
-        "SELECT order_id, promotion_id FROM orders \
-         WHERE status = 'cancelled' AND restocked_at IS NULL \
-         ORDER BY cancelled_at LIMIT $1",
+        "SELECT o.order_id, o.promotion_id FROM orders o \
+         JOIN promotions p ON p.id = o.promotion_id \
+         WHERE o.status = 'cancelled' AND o.restocked_at IS NULL AND p.ends_at > now() \
+         ORDER BY o.cancelled_at LIMIT $1",
     )
     .bind(limit)
     .fetch_all(db)

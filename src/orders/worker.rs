@@ -14,8 +14,14 @@ use anyhow::Context;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use super::repo;
+use super::repo::{self, Inserted};
 use crate::pace::{self, Backoff};
+
+/// Why a malformed entry is in the dead-letter stream.
+const MALFORMED: &str = "malformed";
+
+/// Why an order PostgreSQL refused is in the dead-letter stream.
+const CONFLICTING: &str = "another order holds this buyer's seq";
 use crate::stock::{ConnectOptions, Entry, Keys, OrderMessage, Store};
 
 /// How a worker paces itself.
@@ -141,8 +147,23 @@ impl Worker {
         }
         let n = entries.len();
         tracing::Span::current().record("entries", n);
-        self.persist(&entries, shutdown).await?;
-        self.ack(&entries, shutdown).await?;
+        let inserted = self.persist(&entries, shutdown).await?;
+        let mut dead: Vec<(&Entry, &str)> = entries
+            .iter()
+            .filter(|e| e.message.is_none())
+            .map(|e| (e, MALFORMED))
+            .collect();
+        let written: Vec<&Entry> = entries.iter().filter(|e| e.message.is_some()).collect();
+        for &i in &inserted.conflicts {
+            let e = written[i];
+            tracing::error!(stream = %e.stream, id = %e.id, order = ?e.message, "an order conflicts with another of the same buyer and seq; moved to the dead-letter stream");
+            dead.push((e, CONFLICTING));
+        }
+        if !inserted.conflicts.is_empty() {
+            metrics::counter!("seckill_orders_conflicting_total")
+                .increment(inserted.conflicts.len() as u64);
+        }
+        self.ack(&entries, &dead, shutdown).await?;
         metrics::counter!("seckill_orders_acknowledged_total").increment(n as u64);
         Ok(Outcome::Processed(n))
     }
@@ -216,7 +237,7 @@ impl Worker {
         &self,
         entries: &[Entry],
         shutdown: &CancellationToken,
-    ) -> anyhow::Result<u64> {
+    ) -> anyhow::Result<Inserted> {
         let batch: Vec<&OrderMessage> = entries.iter().filter_map(|e| e.message.as_ref()).collect();
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         loop {
@@ -226,7 +247,7 @@ impl Worker {
                     metrics::histogram!("seckill_worker_batch_size").record(batch.len() as f64);
                     metrics::histogram!("seckill_db_write_seconds")
                         .record(started.elapsed().as_secs_f64());
-                    metrics::counter!("seckill_orders_persisted_total").increment(inserted);
+                    metrics::counter!("seckill_orders_persisted_total").increment(inserted.rows);
                     return Ok(inserted);
                 }
                 Err(e) => {
@@ -241,15 +262,20 @@ impl Worker {
         }
     }
 
-    /// Acknowledges and deletes written entries; malformed ones are copied to
-    /// the dead-letter stream first.
-    pub async fn ack(&self, entries: &[Entry], shutdown: &CancellationToken) -> anyhow::Result<()> {
-        for e in entries.iter().filter(|e| e.message.is_none()) {
-            tracing::error!(stream = %e.stream, id = %e.id, "malformed order entry moved to the dead-letter stream");
+    /// Acknowledges and deletes written entries; the `dead` ones (malformed,
+    /// or refused by PostgreSQL) are copied to the dead-letter stream first.
+    pub async fn ack(
+        &self,
+        entries: &[Entry],
+        dead: &[(&Entry, &str)],
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        for (e, reason) in dead {
+            tracing::error!(stream = %e.stream, id = %e.id, reason, "order entry moved to the dead-letter stream");
         }
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         loop {
-            match self.store.ack(entries).await {
+            match self.store.ack(entries, dead).await {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     tracing::warn!(error = %e, "acknowledging written orders failed; retrying");

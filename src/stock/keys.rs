@@ -26,6 +26,12 @@ pub struct PromotionKeys {
     pub returned: String,
     /// Hash: user id → 1 for each buyer admitted with a token.
     pub tokens: String,
+    /// Set: ids of the orders the purchase script accepted, so a replayed
+    /// call (a lost reply, a client's resend) takes nothing twice.
+    pub won: String,
+    /// String: the token of the recovery rebuilding this promotion, with a
+    /// TTL; recovery's writes are refused unless it still holds it.
+    pub recovering: String,
     tag: String,
 }
 
@@ -51,6 +57,8 @@ impl Keys {
             results: format!("{tag}:results"),
             returned: format!("{tag}:returned"),
             tokens: format!("{tag}:tokens"),
+            won: format!("{tag}:won"),
+            recovering: format!("{tag}:recovering"),
             tag,
         }
     }
@@ -96,6 +104,9 @@ mod tests {
             &k.orders,
             &k.results,
             &k.returned,
+            &k.tokens,
+            &k.won,
+            &k.recovering,
         ] {
             assert!(key.starts_with("{sk:p:7}:"), "{key}");
         }

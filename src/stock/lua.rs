@@ -19,10 +19,11 @@ pub enum Name {
     Preheat,
     Restock,
     Recover,
+    Refill,
     IssueToken,
 }
 
-const EMBEDDED: [(Name, &str, &str); 5] = [
+const EMBEDDED: [(Name, &str, &str); 6] = [
     (
         Name::Purchase,
         "purchase.lua",
@@ -42,6 +43,11 @@ const EMBEDDED: [(Name, &str, &str); 5] = [
         Name::Recover,
         "recover.lua",
         include_str!("../../lua/recover.lua"),
+    ),
+    (
+        Name::Refill,
+        "refill.lua",
+        include_str!("../../lua/refill.lua"),
     ),
     (
         Name::IssueToken,
@@ -153,6 +159,13 @@ pub mod codes {
     pub mod recover {
         pub const STATE_EXISTED: i64 = 0;
         pub const REBUILT: i64 = 1;
+        pub const LOCK_LOST: i64 = 2;
+    }
+
+    /// `refill.lua`.
+    pub mod refill {
+        pub const WRITTEN: i64 = 1;
+        pub const REFUSED: i64 = 2;
     }
 }
 
@@ -164,7 +177,7 @@ mod tests {
     /// the Rust names and the Lua header cannot drift apart silently.
     #[test]
     fn every_named_code_is_in_its_script_header() {
-        let table: [(&str, &[i64]); 4] = [
+        let table: [(&str, &[i64]); 5] = [
             (
                 "purchase.lua",
                 &[
@@ -197,7 +210,15 @@ mod tests {
             ),
             (
                 "recover.lua",
-                &[codes::recover::STATE_EXISTED, codes::recover::REBUILT],
+                &[
+                    codes::recover::STATE_EXISTED,
+                    codes::recover::REBUILT,
+                    codes::recover::LOCK_LOST,
+                ],
+            ),
+            (
+                "refill.lua",
+                &[codes::refill::WRITTEN, codes::refill::REFUSED],
             ),
         ];
         for (name, codes) in table {

@@ -80,6 +80,26 @@ impl Entry {
     }
 }
 
+impl Entry {
+    /// The entry's fields as text, for its dead-letter copy.
+    pub fn fields(&self) -> Vec<(String, String)> {
+        match &self.message {
+            None => self.raw.clone(),
+            Some(m) => vec![
+                ("order_id".into(), m.order_id.clone()),
+                ("promotion_id".into(), m.promotion_id.to_string()),
+                ("user_id".into(), m.user_id.to_string()),
+                ("seq".into(), m.seq.to_string()),
+                ("price_cents".into(), m.price_cents.to_string()),
+                (
+                    "created_ms".into(),
+                    m.created_at.timestamp_millis().to_string(),
+                ),
+            ],
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

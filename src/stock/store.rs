@@ -22,7 +22,9 @@ use redis::streams::{
     StreamAutoClaimOptions, StreamAutoClaimReply, StreamPendingReply, StreamRangeReply,
     StreamReadOptions, StreamReadReply,
 };
-use redis::{AsyncCommands, ErrorKind, RedisError, RedisResult};
+use redis::{
+    AsyncCommands, ErrorKind, ExistenceCheck, RedisError, RedisResult, SetExpiry, SetOptions,
+};
 
 use super::keys::Keys;
 use super::lua::{self, Name, codes, script};
@@ -106,6 +108,17 @@ pub enum Admission {
     Ended,
     /// Redis has no state for the promotion.
     Unknown,
+}
+
+/// What `lua/recover.lua` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recover {
+    /// The state is rebuilt and the sale open again.
+    Rebuilt,
+    /// The meta existed: nothing changed.
+    StateExisted,
+    /// The caller's lock had lapsed and another took it: nothing changed.
+    LockLost,
 }
 
 /// What `lua/restock.lua` did with an order's unit.
@@ -220,6 +233,7 @@ impl Store {
             .key(&k.buyers)
             .key(&k.orders)
             .key(&k.results)
+            .key(&k.won)
             .arg(buyers.len());
         for b in buyers {
             call.arg(b.user_id).arg(&b.order_id);
@@ -292,23 +306,112 @@ impl Store {
         Ok(left)
     }
 
-    /// Runs `lua/recover.lua`: writes stock and meta unless the meta exists.
-    /// Returns whether the state was rebuilt.
+    /// Takes promotion `id`'s recovery lock for `ttl` under `token`;
+    /// `false` when another recovery holds it.
+    pub async fn lock_recovery(&self, id: i64, token: &str, ttl: Duration) -> RedisResult<bool> {
+        let set: Option<String> = self
+            .conn()
+            .set_options(
+                self.keys.promotion(id).recovering,
+                token,
+                SetOptions::default()
+                    .conditional_set(ExistenceCheck::NX)
+                    .with_expiration(SetExpiry::PX(ttl.as_millis() as u64)),
+            )
+            .await?;
+        Ok(set.is_some())
+    }
+
+    /// Runs `lua/refill.lua` for one chunk of `kind` (`buyers`, `returned`,
+    /// `won`) with its flat arguments; `false` when refused (the meta exists
+    /// or `token` lost the lock).
+    async fn refill(
+        &self,
+        id: i64,
+        token: &str,
+        ttl: Duration,
+        kind: &str,
+        items: impl Iterator<Item = String>,
+    ) -> RedisResult<bool> {
+        let k = self.keys.promotion(id);
+        let mut call = script(Name::Refill).prepare_invoke();
+        call.key(&k.meta)
+            .key(&k.recovering)
+            .key(&k.buyers)
+            .key(&k.results)
+            .key(&k.returned)
+            .key(&k.won)
+            .arg(token)
+            .arg(ttl.as_millis() as u64)
+            .arg(kind);
+        for item in items {
+            call.arg(item);
+        }
+        let code: i64 = call.invoke_async(&mut self.conn()).await?;
+        match code {
+            codes::refill::WRITTEN => Ok(true),
+            codes::refill::REFUSED => Ok(false),
+            other => Err(unexpected("refill.lua returned an unknown code", other)),
+        }
+    }
+
+    /// Refills a promotion's buyers (user, units, latest order id), returned
+    /// and accepted order ids, in chunks, for the recovery holding `token`.
+    /// `false` as soon as a chunk is refused.
+    pub async fn refill_all(
+        &self,
+        id: i64,
+        token: &str,
+        ttl: Duration,
+        buyers: &[(i64, i64, &str)],
+        returned: &[String],
+        won: &[String],
+    ) -> anyhow::Result<bool> {
+        for chunk in buyers.chunks(CHUNK) {
+            let items = chunk
+                .iter()
+                .flat_map(|(u, n, o)| [u.to_string(), n.to_string(), o.to_string()]);
+            if !self
+                .refill(id, token, ttl, "buyers", items)
+                .await
+                .context("failed to restore the buyers")?
+            {
+                return Ok(false);
+            }
+        }
+        for (kind, ids) in [("returned", returned), ("won", won)] {
+            for chunk in ids.chunks(CHUNK) {
+                let written = self
+                    .refill(id, token, ttl, kind, chunk.iter().cloned())
+                    .await
+                    .with_context(|| format!("failed to restore the {kind} orders"))?;
+                if !written {
+                    return Ok(false);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Runs `lua/recover.lua` for the recovery holding `token`: writes stock
+    /// and meta unless the meta exists.
     pub async fn recover(
         &self,
         meta: &PromotionMeta,
         sold: i64,
         returned: i64,
-    ) -> RedisResult<bool> {
-        let code: i64 = self
-            .with_meta(script(Name::Recover), meta)
+        token: &str,
+    ) -> RedisResult<Recover> {
+        let mut call = self.with_meta(script(Name::Recover), meta);
+        call.key(self.keys.promotion(meta.id).recovering)
             .arg(sold)
             .arg(returned)
-            .invoke_async(&mut self.conn())
-            .await?;
+            .arg(token);
+        let code: i64 = call.invoke_async(&mut self.conn()).await?;
         match code {
-            codes::recover::REBUILT => Ok(true),
-            codes::recover::STATE_EXISTED => Ok(false),
+            codes::recover::REBUILT => Ok(Recover::Rebuilt),
+            codes::recover::STATE_EXISTED => Ok(Recover::StateExisted),
+            codes::recover::LOCK_LOST => Ok(Recover::LockLost),
             other => Err(unexpected("recover.lua returned an unknown code", other)),
         }
     }
@@ -458,44 +561,19 @@ impl Store {
             .atomic()
             .srem(self.keys.live_promotions(), id)
             .del(&[
-                k.meta, k.stock, k.buyers, k.orders, k.results, k.returned, k.tokens,
+                k.meta,
+                k.stock,
+                k.buyers,
+                k.orders,
+                k.results,
+                k.returned,
+                k.tokens,
+                k.won,
+                k.recovering,
             ])
             .exec_async(&mut self.conn())
             .await
             .with_context(|| format!("failed to remove promotion {id} from redis"))
-    }
-
-    /// Writes buyers' counts and latest order ids (recovery refilling a
-    /// promotion, before `recover.lua` makes it sellable).
-    pub async fn restore_buyers(&self, id: i64, buyers: &[(i64, i64, &str)]) -> anyhow::Result<()> {
-        let k = self.keys.promotion(id);
-        let mut conn = self.conn();
-        for chunk in buyers.chunks(CHUNK) {
-            let counts: Vec<(i64, i64)> = chunk.iter().map(|(u, n, _)| (*u, *n)).collect();
-            let latest: Vec<(i64, &str)> = chunk.iter().map(|(u, _, o)| (*u, *o)).collect();
-            redis::pipe()
-                .hset_multiple(&k.buyers, &counts)
-                .ignore()
-                .hset_multiple(&k.results, &latest)
-                .ignore()
-                .exec_async(&mut conn)
-                .await
-                .context("failed to restore the buyers")?;
-        }
-        Ok(())
-    }
-
-    /// Adds order ids to the set of orders whose unit came back.
-    pub async fn restore_returned(&self, id: i64, order_ids: &[String]) -> anyhow::Result<()> {
-        let key = self.keys.promotion(id).returned;
-        let mut conn = self.conn();
-        for chunk in order_ids.chunks(CHUNK) {
-            let _: usize = conn
-                .sadd(&key, chunk)
-                .await
-                .context("failed to restore the returned orders")?;
-        }
-        Ok(())
     }
 
     // ---- Buyers' results, captchas ---------------------------------------
@@ -653,20 +731,21 @@ impl Store {
         }
     }
 
-    /// Acknowledges and deletes `entries`, in one round trip; malformed ones
-    /// are copied to the dead-letter stream first.
-    pub async fn ack(&self, entries: &[Entry]) -> RedisResult<()> {
+    /// Acknowledges and deletes `entries`, in one round trip; the entries of
+    /// `dead` (with why) are copied to the dead-letter stream first.
+    pub async fn ack(&self, entries: &[Entry], dead: &[(&Entry, &str)]) -> RedisResult<()> {
         let mut by_stream: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         for e in entries {
             by_stream.entry(&e.stream).or_default().push(&e.id);
         }
         let mut pipe = redis::pipe();
-        for e in entries.iter().filter(|e| e.message.is_none()) {
+        for (e, reason) in dead {
             let mut fields = vec![
                 ("stream".to_string(), e.stream.clone()),
                 ("id".to_string(), e.id.clone()),
+                ("reason".to_string(), reason.to_string()),
             ];
-            fields.extend(e.raw.iter().cloned());
+            fields.extend(e.fields());
             pipe.xadd(self.keys.dead_letters(), "*", &fields).ignore();
         }
         for (stream, ids) in &by_stream {

@@ -16,5 +16,6 @@ mod nginx;
 mod ops;
 mod protection;
 mod purchase;
+mod races;
 mod shutdown;
 mod workers;

@@ -85,7 +85,7 @@ async fn entries_of_a_worker_killed_before_acknowledging_are_claimed_and_persist
     let mut b = worker(&app, "doomed-b", config(20, Duration::from_millis(300))).await;
     let read_by_b = b.read_new().await.unwrap();
     assert_eq!(read_by_b.len(), 20);
-    assert_eq!(b.persist(&read_by_b, &never).await.unwrap(), 20);
+    assert_eq!(b.persist(&read_by_b, &never).await.unwrap().rows, 20);
     drop(b);
 
     assert_eq!(app.order_rows(id).await, 20);
@@ -134,11 +134,11 @@ async fn a_redelivered_order_is_skipped_not_inserted_twice() {
     let never = CancellationToken::new();
     let mut w = worker(&app, "w", config(10, Duration::from_secs(60))).await;
     let entries = w.read_new().await.unwrap();
-    assert_eq!(w.persist(&entries, &never).await.unwrap(), 5);
+    assert_eq!(w.persist(&entries, &never).await.unwrap().rows, 5);
     // The same batch again, as after a crash before the XACK: nothing new,
     // and no error that would stall the stream.
-    assert_eq!(w.persist(&entries, &never).await.unwrap(), 0);
-    w.ack(&entries, &never).await.unwrap();
+    assert_eq!(w.persist(&entries, &never).await.unwrap().rows, 0);
+    w.ack(&entries, &[], &never).await.unwrap();
     assert_eq!(app.order_rows(id).await, 5);
     assert_eq!(pending_count(&app, id).await, 0);
     app.stop().await;
@@ -156,9 +156,9 @@ async fn a_batch_mixing_written_and_new_orders_writes_only_the_new_ones() {
     // Two of them were written before a crash; the redelivered batch holds
     // them and three new ones: the plain insert fails on the two, and the
     // retry that skips conflicts writes exactly the three.
-    assert_eq!(w.persist(&entries[..2], &never).await.unwrap(), 2);
-    assert_eq!(w.persist(&entries, &never).await.unwrap(), 3);
-    w.ack(&entries, &never).await.unwrap();
+    assert_eq!(w.persist(&entries[..2], &never).await.unwrap().rows, 2);
+    assert_eq!(w.persist(&entries, &never).await.unwrap().rows, 3);
+    w.ack(&entries, &[], &never).await.unwrap();
     assert_eq!(app.order_rows(id).await, 5);
     let stored: HashSet<String> = stored_ids(&app, id).await.into_iter().collect();
     let sent: HashSet<String> = entries

@@ -1,0 +1,298 @@
+//! Overlapping operations: recovery racing a cancel, two recoveries of one
+//! promotion, a second order for a buyer's `seq`, several backlogged streams,
+//! a replayed purchase call. Each interleaving is forced (a pause point the
+//! test holds, or a state written by hand), never left to a sleep.
+
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use reqwest::StatusCode;
+use seckill::app::Role;
+use seckill::checkpoint;
+use seckill::orders::{Worker, WorkerConfig};
+use seckill::recovery;
+use seckill::stock::{Buyer, Outcome, Store};
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::{TestApp, code, spawn_app_with};
+
+/// The test's view of Redis, through the program's own store.
+fn store(app: &TestApp) -> Store {
+    Store::new(app.redis.clone(), app.keys.clone())
+}
+
+/// Redis loses every key of promotion `id`.
+async fn lose_promotion(app: &TestApp, id: i64) {
+    let k = app.keys.promotion(id);
+    let mut conn = app.redis.clone();
+    let _: i64 = redis::cmd("DEL")
+        .arg(&[
+            &k.meta,
+            &k.stock,
+            &k.buyers,
+            &k.orders,
+            &k.results,
+            &k.returned,
+            &k.won,
+            &k.tokens,
+        ])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
+/// Polls `stats(id)[field]` until it equals `want` or `timeout` passes;
+/// returns the last value seen.
+async fn wait_for_stat(app: &TestApp, id: i64, field: &str, want: i64, timeout: Duration) -> i64 {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let seen = app.stats(id).await[field].as_i64().unwrap();
+        if seen == want || tokio::time::Instant::now() >= deadline {
+            return seen;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn drift(app: &TestApp, id: i64) -> i64 {
+    let rows = recovery::reconcile(&app.db, &store(app), Some(id), true)
+        .await
+        .unwrap();
+    rows[0].drift
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancel_committed_while_recovery_runs_returns_its_unit_and_leaves_no_drift() {
+    let app = spawn_app_with(Role::Serve, |s| {
+        s.sweep_interval = Duration::from_millis(100);
+    })
+    .await;
+    let id = app.active_promotion(10, 1).await;
+    for user in 1..=2 {
+        app.buy(id, user).await;
+    }
+    let order = app.buy(id, 3).await;
+    assert_eq!(app.wait_for_rows(id, 3, Duration::from_secs(20)).await, 3);
+    lose_promotion(&app, id).await;
+
+    // Recovery reads both stores, then is held before it writes anything.
+    let hold = checkpoint::arm(&app.settings.key_prefix, recovery::AFTER_READ);
+    let (db, s) = (app.db.clone(), store(&app));
+    let recovering = tokio::spawn(async move { recovery::recover(&db, &s, Some(id)).await });
+    hold.reached().await;
+    // The buyer cancels in between: PostgreSQL has it, Redis has no state
+    // to give the unit back to, and the recovery counted the order as sold.
+    let (status, body) = app.order_action(&order, "cancel", 3).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    hold.release();
+    let rebuilt = recovering.await.unwrap().unwrap();
+    assert!(rebuilt[0].rebuilt, "{rebuilt:?}");
+
+    // The unit comes back (the sweeper finishes the restock the cancel could
+    // not do), exactly once.
+    let remaining = wait_for_stat(&app, id, "remaining", 8, Duration::from_secs(15)).await;
+    assert_eq!(remaining, 8, "10 units, 3 sold, 1 returned");
+    let restocked: bool =
+        sqlx::query_scalar("SELECT restocked_at IS NOT NULL FROM orders WHERE order_id = $1")
+            .bind(&order)
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+    assert!(restocked);
+    assert_eq!(drift(&app, id).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_recovery_that_lost_its_lock_cannot_overwrite_buyers_after_the_sale_reopened() {
+    let app = spawn_app_with(Role::Serve, |_| {}).await;
+    let id = app.active_promotion(10, 2).await;
+    let first = app.buy(id, 7).await;
+    assert_eq!(app.wait_for_rows(id, 1, Duration::from_secs(20)).await, 1);
+    lose_promotion(&app, id).await;
+
+    // Recovery B takes the lock, reads (one order of buyer 7), and stalls.
+    let hold = checkpoint::arm(&app.settings.key_prefix, recovery::AFTER_READ);
+    let (db, s) = (app.db.clone(), store(&app));
+    let b = tokio::spawn(async move { recovery::recover(&db, &s, Some(id)).await });
+    hold.reached().await;
+    // A second recovery waits its turn while B holds the lock.
+    let busy = recovery::recover(&app.db, &store(&app), Some(id))
+        .await
+        .unwrap();
+    assert!(busy[0].busy && !busy[0].rebuilt, "{busy:?}");
+
+    // B stalls past its lock's lifetime; recovery A rebuilds, the sale
+    // reopens and buyer 7 buys a second unit.
+    let _: i64 = redis::cmd("DEL")
+        .arg(app.keys.promotion(id).recovering)
+        .query_async(&mut app.redis.clone())
+        .await
+        .unwrap();
+    let a = recovery::recover(&app.db, &store(&app), Some(id))
+        .await
+        .unwrap();
+    assert!(a[0].rebuilt, "{a:?}");
+    let mut second = None;
+    for _ in 0..100 {
+        // The gateway's cache may still hold "unknown" for a moment.
+        let (status, body) = app.purchase(id, 7).await;
+        if status == StatusCode::OK {
+            second = Some(body["order_id"].as_str().unwrap().to_string());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let second = second.expect("buyer 7 buys a second unit once the sale reopened");
+
+    // B wakes up: its writes are refused, so buyer 7's count stays 2.
+    hold.release();
+    let late = b.await.unwrap().unwrap();
+    assert!(late[0].busy && !late[0].rebuilt, "{late:?}");
+    let (status, body) = app.purchase(id, 7).await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::CONFLICT, "already_purchased"),
+        "the per-user limit of 2 still holds: {body}"
+    );
+
+    // Both confirmed orders reach PostgreSQL.
+    assert_eq!(app.wait_for_rows(id, 2, Duration::from_secs(20)).await, 2);
+    for order in [&first, &second] {
+        assert!(app.order_status(order).await.is_some(), "{order} persisted");
+    }
+    assert_eq!(drift(&app, id).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_order_taking_a_buyers_seq_twice_goes_to_the_dead_letter_stream_not_skipped() {
+    let app = spawn_app_with(Role::Serve, |_| {}).await;
+    let id = app.active_promotion(10, 1).await;
+    let real = app.buy(id, 5).await;
+    assert_eq!(app.wait_for_rows(id, 1, Duration::from_secs(20)).await, 1);
+
+    // A second order for buyer 5's first unit, under another order id (what a
+    // state rebuilt wrongly would let the script write).
+    let mut conn = app.redis.clone();
+    let _: String = redis::cmd("XADD")
+        .arg(app.keys.promotion(id).orders)
+        .arg("*")
+        .arg(&[
+            ("order_id", "00000000-0000-7000-8000-000000000001"),
+            ("promotion_id", &id.to_string()),
+            ("user_id", "5"),
+            ("seq", "1"),
+            ("price_cents", "99900"),
+            ("created_ms", "1700000000000"),
+        ])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let dead = loop {
+        let dead: Vec<redis::Value> = redis::cmd("XRANGE")
+            .arg(app.keys.dead_letters())
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if !dead.is_empty() || tokio::time::Instant::now() >= deadline {
+            break dead;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(dead.len(), 1, "the conflicting order is kept for a person");
+    let text = format!("{dead:?}");
+    assert!(
+        text.contains("00000000-0000-7000-8000-000000000001"),
+        "{text}"
+    );
+    assert_eq!(app.order_rows(id).await, 1);
+    assert!(app.order_status(&real).await.is_some());
+    let len: i64 = redis::cmd("XLEN")
+        .arg(app.keys.promotion(id).orders)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(len, 0, "the entry is acknowledged, not retried forever");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_reading_several_backlogged_streams_persists_every_entry_it_read() {
+    // No workers: the orders of two sales wait in their streams.
+    let app = spawn_app_with(Role::GatewayOnly, |_| {}).await;
+    let a = app.active_promotion(1_000, 1).await;
+    let b = app.active_promotion(1_000, 1).await;
+    let buyers = 300;
+    let answers = join_all(
+        (1..=buyers)
+            .flat_map(|u| [(a, u), (b, u)])
+            .map(|(id, u)| app.purchase(id, u)),
+    )
+    .await;
+    assert!(answers.iter().all(|(s, _)| *s == StatusCode::OK));
+
+    let mut worker = Worker::connect(
+        &app.settings.redis_url,
+        app.db.clone(),
+        app.keys.clone(),
+        "fresh".into(),
+        WorkerConfig {
+            batch: 100,
+            block: Duration::from_millis(100),
+            claim_idle: Duration::from_secs(60),
+            claim_every: Duration::from_secs(60),
+            refresh_every: Duration::from_secs(60),
+        },
+    )
+    .await
+    .unwrap();
+    worker.refresh_streams().await.unwrap();
+    let never = CancellationToken::new();
+    // One turn reads a batch from each stream; everything it read is written
+    // and acknowledged, none is left pending for the 30 s claim.
+    worker.step(&never).await.unwrap();
+    let s = store(&app);
+    for id in [a, b] {
+        let (len, pending) = s.stream_depth(id).await.unwrap();
+        assert_eq!(pending, 0, "promotion {id}: entries read but not written");
+        assert_eq!(app.order_rows(id).await, 100, "promotion {id}");
+        assert_eq!(len, buyers - 100, "promotion {id}");
+    }
+    // Both drain at the same pace to the end.
+    for _ in 0..2 {
+        worker.step(&never).await.unwrap();
+    }
+    for id in [a, b] {
+        assert_eq!(app.order_rows(id).await, buyers, "promotion {id}");
+    }
+}
+
+#[tokio::test]
+async fn a_replayed_purchase_call_answers_bought_again_and_takes_nothing_twice() {
+    let app = spawn_app_with(Role::GatewayOnly, |_| {}).await;
+    let id = app.active_promotion(10, 3).await;
+    let s = store(&app);
+    let buyers = [
+        Buyer {
+            user_id: 1,
+            order_id: "0190a000-0000-7000-8000-00000000000a".into(),
+        },
+        Buyer {
+            user_id: 2,
+            order_id: "0190a000-0000-7000-8000-00000000000b".into(),
+        },
+    ];
+    let first = s.purchase(id, &buyers).await.unwrap();
+    // The reply was lost; the same call is sent again, twice.
+    let again = s.purchase(id, &buyers).await.unwrap();
+    let third = s.purchase(id, &buyers[..1]).await.unwrap();
+    assert!(first.iter().all(|o| matches!(o, Outcome::Bought { .. })));
+    assert_eq!(again, first);
+    assert_eq!(third, first[..1]);
+    let counters = s.counters(id).await.unwrap();
+    assert_eq!(counters.remaining, Some(8), "two units taken, once each");
+    assert_eq!(counters.sold, 2);
+    assert_eq!(counters.in_stream, 2, "one order message each");
+}
