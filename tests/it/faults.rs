@@ -56,9 +56,7 @@ async fn postgres_down_during_the_sale_loses_nothing_and_drains_after_restart() 
     assert_eq!(stored_ids(&app.db, id).await, confirmed);
     let (status, _) = read(app.client.get(app.url("/ready")).send().await.unwrap()).await;
     assert_eq!(status, StatusCode::OK);
-    let (rc, out) = app
-        .cli(&["reconcile", "--promotion", &id.to_string()])
-        .await;
+    let (rc, out) = app.reconcile(id).await;
     assert_eq!(rc, 0, "{out}");
     app.stop().await;
 }
@@ -186,9 +184,7 @@ async fn redis_killed_and_restarted_with_aof_mid_sale_neither_oversells_nor_lose
     assert!(confirmed.len() as i64 <= STOCK);
     assert_eq!(lost, 0, "every 200 reached PostgreSQL");
     assert_eq!(rows, sold);
-    let (rc, out) = app
-        .cli(&["reconcile", "--promotion", &id.to_string()])
-        .await;
+    let (rc, out) = app.reconcile(id).await;
     assert_eq!(rc, 0, "{out}");
     app.stop().await;
 }

@@ -571,6 +571,12 @@ impl TestApp {
     pub async fn cli(&self, args: &[&str]) -> (i32, String) {
         run_cli(&self.settings, args).await
     }
+
+    /// `seckill reconcile --promotion ID` against this app's stores.
+    pub async fn reconcile(&self, promotion: i64) -> (i32, String) {
+        self.cli(&["reconcile", "--promotion", &promotion.to_string()])
+            .await
+    }
 }
 
 /// The real binary with `settings` in its environment (stores and secrets).
