@@ -11,7 +11,8 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    ADMIN_TOKEN, JWT_SECRET, TestApp, active_body, code, read, rfc3339, spawn_app, user_token,
+    ADMIN_TOKEN, JWT_SECRET, TestApp, active_body, assert_error, read, rfc3339, spawn_app,
+    user_token,
 };
 
 // ---------------------------------------------------------------- helpers --
@@ -52,16 +53,6 @@ async fn create(app: &TestApp, body: Value) -> i64 {
 async fn admin_get(app: &TestApp, id: i64) -> (StatusCode, Value) {
     app.admin(Method::GET, &format!("/admin/promotions/{id}"), None)
         .await
-}
-
-/// The admin list, asserted to be a 200.
-async fn admin_list(app: &TestApp) -> Vec<Value> {
-    let (status, v) = app.admin(Method::GET, "/admin/promotions", None).await;
-    assert_eq!(status, StatusCode::OK, "{v}");
-    v["promotions"]
-        .as_array()
-        .expect("promotions array")
-        .clone()
 }
 
 /// The promotion object without its live parts (`stats`, `status`), to
@@ -116,17 +107,6 @@ async fn send(
         req = req.json(&b);
     }
     read(req.send().await.expect("request is answered")).await
-}
-
-fn assert_error(status: StatusCode, v: &Value, want: StatusCode, want_code: &str, what: &str) {
-    assert_eq!(status, want, "{what}: {v}");
-    assert_eq!(code(v), want_code, "{what}: {v}");
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .is_some_and(|m| !m.is_empty()),
-        "{what}: the error has a message: {v}"
-    );
 }
 
 fn parse_time(v: &Value) -> DateTime<Utc> {
@@ -280,13 +260,13 @@ async fn a_promotion_with_no_stock_left_reports_sold_out_to_admin_and_public() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_and_get_show_every_promotion_with_live_stats() {
     let mut app = spawn_app().await;
-    assert!(admin_list(&app).await.is_empty());
+    assert!(app.admin_list().await.is_empty());
 
     let active = app.active_promotion(10, 1).await;
     let upcoming = create(&app, upcoming_body(4)).await;
     let ended = create(&app, ended_body(6)).await;
 
-    let list = admin_list(&app).await;
+    let list = app.admin_list().await;
     assert_eq!(ids(&list), vec![active, upcoming, ended], "{list:?}");
     let status = |id: i64| {
         list.iter()
@@ -380,7 +360,7 @@ async fn unknown_ids_are_404_and_malformed_ids_are_400_on_every_admin_item_route
         }
     }
     assert_eq!(record(&app, id).await, before);
-    assert_eq!(ids(&admin_list(&app).await), vec![id]);
+    assert_eq!(ids(&app.admin_list().await), vec![id]);
     assert_eq!(redis_stock(&app, id).await, Some(3));
     app.stop().await;
 }
@@ -600,7 +580,7 @@ async fn delete_of_an_upcoming_promotion_removes_it_and_its_redis_state() {
     );
     assert_eq!(redis_keys_of(&app, id).await, 0, "no Redis key is left");
     assert!(!is_live(&app, id).await);
-    assert_eq!(ids(&admin_list(&app).await), vec![keep]);
+    assert_eq!(ids(&app.admin_list().await), vec![keep]);
     let (status, v) = send(
         &app,
         Method::GET,
@@ -1052,7 +1032,7 @@ async fn admin_routes_refuse_missing_and_wrong_tokens_and_user_jwts_with_401() {
         }
     }
     assert_eq!(
-        ids(&admin_list(&app).await),
+        ids(&app.admin_list().await),
         vec![id],
         "nothing created or deleted"
     );

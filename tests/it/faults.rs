@@ -5,22 +5,16 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use futures::future::join_all;
+use futures_util::StreamExt;
+use futures_util::future::join_all;
 use reqwest::StatusCode;
 use seckill::app::Role;
 
-use crate::helpers::{code, read, spawn_with_settings, test_settings, user_token};
+use crate::helpers::{code, order_ids, read, spawn_with_settings, test_settings, user_token};
 use crate::procs::{GatewayProc, PgProc, RedisProc};
 
 async fn stored_ids(db: &sqlx::PgPool, id: i64) -> HashSet<String> {
-    let ids: Vec<String> =
-        sqlx::query_scalar("SELECT order_id FROM orders WHERE promotion_id = $1")
-            .bind(id)
-            .fetch_all(db)
-            .await
-            .unwrap();
-    ids.into_iter().collect()
+    order_ids(db, id).await.into_iter().collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -62,9 +56,7 @@ async fn postgres_down_during_the_sale_loses_nothing_and_drains_after_restart() 
     assert_eq!(stored_ids(&app.db, id).await, confirmed);
     let (status, _) = read(app.client.get(app.url("/ready")).send().await.unwrap()).await;
     assert_eq!(status, StatusCode::OK);
-    let (rc, out) = app
-        .cli(&["reconcile", "--promotion", &id.to_string()])
-        .await;
+    let (rc, out) = app.reconcile(id).await;
     assert_eq!(rc, 0, "{out}");
     app.stop().await;
 }
@@ -144,7 +136,7 @@ async fn redis_killed_and_restarted_with_aof_mid_sale_neither_oversells_nor_lose
     let id = app.active_promotion(STOCK, 1).await;
 
     let app_ref = &app;
-    let buyers = futures::stream::iter(1..=BUYERS)
+    let buyers = futures_util::stream::iter(1..=BUYERS)
         .map(|u| async move {
             tokio::time::sleep(Duration::from_millis((u as u64 % 300) * 5)).await;
             (u, app_ref.purchase(id, u).await)
@@ -192,9 +184,7 @@ async fn redis_killed_and_restarted_with_aof_mid_sale_neither_oversells_nor_lose
     assert!(confirmed.len() as i64 <= STOCK);
     assert_eq!(lost, 0, "every 200 reached PostgreSQL");
     assert_eq!(rows, sold);
-    let (rc, out) = app
-        .cli(&["reconcile", "--promotion", &id.to_string()])
-        .await;
+    let (rc, out) = app.reconcile(id).await;
     assert_eq!(rc, 0, "{out}");
     app.stop().await;
 }
@@ -233,7 +223,7 @@ async fn gateway_killed_mid_sale_then_restarted_loses_no_confirmed_order() {
 
     // First half of the crowd; the gateway dies while it is being served.
     let addr = gateway.addr.clone();
-    let first = futures::stream::iter(1..=BUYERS / 2)
+    let first = futures_util::stream::iter(1..=BUYERS / 2)
         .map(|u| {
             let b = buy(addr.clone(), u);
             async move { (u, b.await) }
@@ -262,7 +252,7 @@ async fn gateway_killed_mid_sale_then_restarted_loses_no_confirmed_order() {
     let gateway = GatewayProc::start(&settings, &extra).await;
     let addr = gateway.addr.clone();
     let second: Vec<i64> = retry.into_iter().chain(BUYERS / 2 + 1..=BUYERS).collect();
-    let answers = futures::stream::iter(second)
+    let answers = futures_util::stream::iter(second)
         .map(|u| buy(addr.clone(), u))
         .buffer_unordered(100)
         .collect::<Vec<_>>()
@@ -319,26 +309,15 @@ async fn a_worker_stopped_during_a_postgres_outage_leaves_its_batch_pending_for_
         .into_iter()
         .collect();
     // Wait until the workers hold the batch (read, not written).
-    let (redis_conn, stream, group) = (
-        first.redis.clone(),
-        first.keys.promotion(id).orders,
-        first.keys.consumer_group(),
-    );
-    let pending = || async {
-        let mut conn = redis_conn.clone();
-        let summary: (i64, Option<String>, Option<String>, redis::Value) = redis::cmd("XPENDING")
-            .arg(&stream)
-            .arg(group)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        summary.0
-    };
     let deadline = Instant::now() + Duration::from_secs(10);
-    while pending().await < 50 && Instant::now() < deadline {
+    while first.pending_count(id).await < 50 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(pending().await, 50, "the workers read the batch");
+    assert_eq!(
+        first.pending_count(id).await,
+        50,
+        "the workers read the batch"
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     let started = Instant::now();
     first.stop().await;
@@ -347,7 +326,7 @@ async fn a_worker_stopped_during_a_postgres_outage_leaves_its_batch_pending_for_
         started.elapsed()
     );
     assert_eq!(
-        pending().await,
+        first.pending_count(id).await,
         50,
         "the batch in hand stays pending, unacknowledged"
     );

@@ -1,11 +1,16 @@
 //! `spawn_app()` and friends: a gateway per test, on a random port, with a
-//! fresh key prefix and a fresh database.
+//! fresh key prefix and a fresh database, both dropped when the test is done
+//! (see [`StoreOwner`]); and the helpers more than one test file uses.
 
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
+use anyhow::Context;
 use chrono::{DateTime, Utc};
 use redis::aio::ConnectionManager;
 use reqwest::StatusCode;
@@ -14,8 +19,8 @@ use seckill::auth::Auth;
 use seckill::config::Settings;
 use seckill::stock::Keys;
 use serde_json::{Value, json};
-use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Executor, PgPool};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -56,6 +61,165 @@ pub fn test_settings() -> Settings {
     }
 }
 
+/// A share in one test deployment's stores: its PostgreSQL database and its
+/// Redis keys. When the last share of a deployment is dropped, the database
+/// is dropped (`WITH (FORCE)`) and every key of the prefix deleted.
+///
+/// Every fixture that runs something on a deployment holds one, so the
+/// stores go when the test ends, a panicking one included. Several fixtures
+/// may run on one deployment (gateways started with the same settings, as
+/// the instances of one deployment are): `OWNERS` counts the shares per
+/// deployment so that only the last one cleans up. Drop the running
+/// processes before their share (fields drop in declaration order).
+pub struct StoreOwner {
+    deployment: String,
+    redis_url: String,
+    database_url: String,
+    key_prefix: String,
+}
+
+/// Live shares per deployment (database URL, Redis URL and key prefix).
+static OWNERS: LazyLock<Mutex<HashMap<String, usize>>> = LazyLock::new(Default::default);
+
+impl StoreOwner {
+    pub fn claim(settings: &Settings) -> StoreOwner {
+        let deployment = format!(
+            "{} {} {}",
+            settings.database_url, settings.redis_url, settings.key_prefix
+        );
+        let mut owners = OWNERS.lock().unwrap_or_else(|e| e.into_inner());
+        *owners.entry(deployment.clone()).or_default() += 1;
+        StoreOwner {
+            deployment,
+            redis_url: settings.redis_url.clone(),
+            database_url: settings.database_url.clone(),
+            key_prefix: settings.key_prefix.clone(),
+        }
+    }
+}
+
+impl Drop for StoreOwner {
+    fn drop(&mut self) {
+        let last = {
+            let mut owners = OWNERS.lock().unwrap_or_else(|e| e.into_inner());
+            let left = owners.get_mut(&self.deployment).map(|n| {
+                *n -= 1;
+                *n
+            });
+            if left == Some(0) {
+                owners.remove(&self.deployment);
+            }
+            left == Some(0)
+        };
+        if !last {
+            return;
+        }
+        // Drop is synchronous and may run on (or after) the test's runtime:
+        // the clean-up gets a thread and a runtime of its own, and never
+        // panics (a panic while unwinding would abort the test binary).
+        let (redis_url, database_url, prefix) = (
+            self.redis_url.clone(),
+            self.database_url.clone(),
+            self.key_prefix.clone(),
+        );
+        let cleaned = std::thread::spawn(move || -> anyhow::Result<()> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let within = Duration::from_secs(10);
+                let (redis, pg) = tokio::join!(
+                    tokio::time::timeout(within, delete_keys(&redis_url, &prefix)),
+                    tokio::time::timeout(within, drop_database(&database_url)),
+                );
+                redis.context("redis clean-up timed out")??;
+                pg.context("postgresql clean-up timed out")??;
+                Ok(())
+            })
+        })
+        .join();
+        match cleaned {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("note: the stores of {} are left: {e:#}", self.key_prefix),
+            Err(_) => eprintln!("note: the clean-up of {} panicked", self.key_prefix),
+        }
+    }
+}
+
+/// Every Redis key matching `pattern` (`SCAN … MATCH`), sorted.
+pub async fn scan_keys(conn: &mut impl redis::aio::ConnectionLike, pattern: &str) -> Vec<String> {
+    try_scan_keys(conn, pattern).await.expect("SCAN succeeds")
+}
+
+async fn try_scan_keys(
+    conn: &mut impl redis::aio::ConnectionLike,
+    pattern: &str,
+) -> redis::RedisResult<Vec<String>> {
+    let mut cursor: u64 = 0;
+    let mut out = Vec::new();
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await?;
+        out.extend(batch);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Deletes the keys of a prefix: those of its promotions (`{P:p:ID}:…`,
+/// see `src/stock/keys.rs`) and its own (`P:promotions`, `P:events`, …).
+async fn delete_keys(redis_url: &str, prefix: &str) -> anyhow::Result<()> {
+    let client = redis::Client::open(redis_url)?;
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .context("failed to connect to redis")?;
+    for pattern in [format!("{{{prefix}:*"), format!("{prefix}:*")] {
+        let keys = try_scan_keys(&mut conn, &pattern)
+            .await
+            .context("failed to scan the keys")?;
+        for chunk in keys.chunks(500) {
+            redis::cmd("UNLINK")
+                .arg(chunk)
+                .query_async::<i64>(&mut conn)
+                .await
+                .context("failed to unlink the keys")?;
+        }
+    }
+    Ok(())
+}
+
+/// `DROP DATABASE … WITH (FORCE)` from the server's `postgres` database:
+/// connections still open on it (a pool, a killed gateway's) are cut.
+async fn drop_database(database_url: &str) -> anyhow::Result<()> {
+    let options = PgConnectOptions::from_str(database_url)?;
+    let name = options
+        .get_database()
+        .context("the database url names no database")?
+        .replace('"', "\"\"");
+    let mut conn = options
+        .database("postgres")
+        .connect()
+        .await
+        .context("failed to connect to postgresql")?;
+    conn.execute(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+    )))
+    .await
+    .context("failed to drop the database")?;
+    Ok(())
+}
+
 /// A running gateway (with workers unless the role says otherwise).
 pub struct TestApp {
     pub addr: SocketAddr,
@@ -67,6 +231,8 @@ pub struct TestApp {
     pub keys: Keys,
     stop: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
+    /// Dropped last: the database and keys go once the app is gone.
+    _stores: StoreOwner,
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -85,6 +251,8 @@ pub async fn spawn_with_settings(role: Role, settings: Settings) -> TestApp {
     if std::env::var("TEST_LOG").is_ok() {
         seckill::telemetry::init_tracing(seckill::config::LogFormat::Text);
     }
+    // Claimed first: a gateway that fails to build still leaves nothing.
+    let stores = StoreOwner::claim(&settings);
     let app = App::build(settings.clone(), role)
         .await
         .expect("app builds");
@@ -93,11 +261,7 @@ pub async fn spawn_with_settings(role: Role, settings: Settings) -> TestApp {
     let handle = tokio::spawn(app.run_until_stopped(async move {
         let _ = stopped.await;
     }));
-    let db = PgPoolOptions::new()
-        .max_connections(4)
-        .connect(&settings.database_url)
-        .await
-        .expect("test pool connects");
+    let db = test_pool(&settings).await;
     let redis = seckill::stock::store::connect(
         &settings.redis_url,
         seckill::stock::ConnectOptions::commands(Duration::from_secs(5)),
@@ -123,7 +287,17 @@ pub async fn spawn_with_settings(role: Role, settings: Settings) -> TestApp {
         redis,
         stop: Some(stop),
         handle: Some(handle),
+        _stores: stores,
     }
+}
+
+/// A small pool of the test's own on the deployment's database.
+pub async fn test_pool(settings: &Settings) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&settings.database_url)
+        .await
+        .expect("test pool connects")
 }
 
 /// A user token signed with the test secret.
@@ -215,24 +389,44 @@ impl TestApp {
 
     /// Rows in `orders` for a promotion.
     pub async fn order_rows(&self, promotion: i64) -> i64 {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM orders WHERE promotion_id = $1")
-            .bind(promotion)
-            .fetch_one(&self.db)
-            .await
-            .unwrap()
+        order_rows(&self.db, promotion).await
     }
 
     /// Waits until the promotion has `n` rows in PostgreSQL (or the timeout);
     /// returns the last count seen.
     pub async fn wait_for_rows(&self, promotion: i64, n: i64, timeout: Duration) -> i64 {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let rows = self.order_rows(promotion).await;
-            if rows >= n || tokio::time::Instant::now() >= deadline {
-                return rows;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_for_rows(&self.db, promotion, n, timeout).await
+    }
+
+    /// Entries of the promotion's stream read by a worker and not yet
+    /// acknowledged (`XPENDING`).
+    pub async fn pending_count(&self, promotion: i64) -> i64 {
+        let mut conn = self.redis.clone();
+        let summary: (i64, Option<String>, Option<String>, redis::Value) = redis::cmd("XPENDING")
+            .arg(self.keys.promotion(promotion).orders)
+            .arg(self.keys.consumer_group())
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        summary.0
+    }
+
+    /// Every Redis key that contains this deployment's key prefix, sorted.
+    pub async fn redis_keys(&self) -> Vec<String> {
+        let pattern = format!("*{}*", self.keys.prefix());
+        scan_keys(&mut self.redis.clone(), &pattern).await
+    }
+
+    /// The admin list, asserted to be a 200.
+    pub async fn admin_list(&self) -> Vec<Value> {
+        let (status, v) = self
+            .admin(reqwest::Method::GET, "/admin/promotions", None)
+            .await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        v["promotions"]
+            .as_array()
+            .expect("promotions array")
+            .clone()
     }
 
     /// Stops the gateway and its workers gracefully.
@@ -242,6 +436,22 @@ impl TestApp {
         }
         if let Some(handle) = self.handle.take() {
             handle.await.expect("app task").expect("app stops cleanly");
+        }
+    }
+}
+
+impl Drop for TestApp {
+    /// A test that ends without `stop()` (a panic): the app is aborted and
+    /// given a moment to go before its stores are dropped.
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.abort();
+            for _ in 0..100 {
+                if handle.is_finished() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
     }
 }
@@ -262,6 +472,49 @@ pub async fn read(res: reqwest::Response) -> (StatusCode, Value) {
 /// The error code of an error body.
 pub fn code(v: &Value) -> &str {
     v["error"]["code"].as_str().unwrap_or("<no error code>")
+}
+
+/// An error answer: its status, its code, and a message.
+pub fn assert_error(status: StatusCode, v: &Value, want: StatusCode, want_code: &str, what: &str) {
+    assert_eq!(status, want, "{what}: {v}");
+    assert_eq!(code(v), want_code, "{what}: {v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{what}: the error has a message: {v}"
+    );
+}
+
+/// Rows in `orders` for a promotion.
+pub async fn order_rows(db: &PgPool, promotion: i64) -> i64 {
+    sqlx::query_scalar::<_, i64>("SELECT count(*) FROM orders WHERE promotion_id = $1")
+        .bind(promotion)
+        .fetch_one(db)
+        .await
+        .unwrap()
+}
+
+/// The order ids of a promotion in PostgreSQL.
+pub async fn order_ids(db: &PgPool, promotion: i64) -> Vec<String> {
+    sqlx::query_scalar("SELECT order_id FROM orders WHERE promotion_id = $1")
+        .bind(promotion)
+        .fetch_all(db)
+        .await
+        .unwrap()
+}
+
+/// Waits until the promotion has `n` rows in PostgreSQL (or the timeout);
+/// returns the last count seen.
+pub async fn wait_for_rows(db: &PgPool, promotion: i64, n: i64, timeout: Duration) -> i64 {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let rows = order_rows(db, promotion).await;
+        if rows >= n || tokio::time::Instant::now() >= deadline {
+            return rows;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 impl TestApp {
@@ -321,17 +574,29 @@ impl TestApp {
     pub async fn cli(&self, args: &[&str]) -> (i32, String) {
         run_cli(&self.settings, args).await
     }
+
+    /// `seckill reconcile --promotion ID` against this app's stores.
+    pub async fn reconcile(&self, promotion: i64) -> (i32, String) {
+        self.cli(&["reconcile", "--promotion", &promotion.to_string()])
+            .await
+    }
+}
+
+/// The real binary with `settings` in its environment (stores and secrets).
+pub fn seckill_command(settings: &Settings) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_seckill"));
+    cmd.env("SECKILL_REDIS_URL", &settings.redis_url)
+        .env("SECKILL_DATABASE_URL", &settings.database_url)
+        .env("SECKILL_KEY_PREFIX", &settings.key_prefix)
+        .env("SECKILL_JWT_SECRET", JWT_SECRET)
+        .env("SECKILL_ADMIN_TOKEN", ADMIN_TOKEN);
+    cmd
 }
 
 /// Runs the real binary with `settings` in its environment.
 pub async fn run_cli(settings: &Settings, args: &[&str]) -> (i32, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_seckill"))
+    let out = seckill_command(settings)
         .args(args)
-        .env("SECKILL_REDIS_URL", &settings.redis_url)
-        .env("SECKILL_DATABASE_URL", &settings.database_url)
-        .env("SECKILL_KEY_PREFIX", &settings.key_prefix)
-        .env("SECKILL_JWT_SECRET", JWT_SECRET)
-        .env("SECKILL_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("RUST_LOG", "warn")
         .output()
         .await
@@ -344,4 +609,29 @@ pub async fn run_cli(settings: &Settings, args: &[&str]) -> (i32, String) {
         );
     }
     (out.status.code().unwrap_or(-1), stdout)
+}
+
+/// Waits (30 s at most) for the JSON log line whose message is `message`
+/// on a child's standard error; returns its `addr` field. The rest of the
+/// log is drained in the background, so the child never blocks on a full
+/// pipe.
+pub async fn listening_addr(child: &mut tokio::process::Child, message: &str) -> String {
+    use tokio::io::AsyncBufReadExt;
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    let addr = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let Ok(v) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            if v["fields"]["message"] == message {
+                return v["fields"]["addr"].as_str().unwrap().to_string();
+            }
+        }
+        panic!("the process exited before `{message}`");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("`{message}` within 30 s"));
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    addr
 }

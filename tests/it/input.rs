@@ -13,7 +13,9 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::helpers::{ADMIN_TOKEN, TestApp, code, read, rfc3339, spawn_app, user_token};
+use crate::helpers::{
+    ADMIN_TOKEN, TestApp, assert_error, code, read, rfc3339, spawn_app, user_token,
+};
 
 /// A request body limit of 64 KiB (API.md: "64 KiB is plenty").
 const LIMIT: usize = 64 * 1024;
@@ -45,41 +47,6 @@ fn without(field: &str) -> Value {
     v
 }
 
-/// Every Redis key of this test's deployment (its key prefix).
-async fn keys_with_prefix(app: &TestApp) -> Vec<String> {
-    let mut conn = app.redis.clone();
-    let pattern = format!("*{}*", app.keys.prefix());
-    let mut cursor: u64 = 0;
-    let mut out = Vec::new();
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(&pattern)
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        out.extend(batch);
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
-    out.sort();
-    out
-}
-
-async fn admin_list(app: &TestApp) -> Vec<Value> {
-    let (status, v) = app.admin(Method::GET, "/admin/promotions", None).await;
-    assert_eq!(status, StatusCode::OK, "{v}");
-    v["promotions"]
-        .as_array()
-        .expect("promotions array")
-        .clone()
-}
-
 /// Posts raw bytes to `/admin/promotions` with the admin token.
 async fn post_raw(app: &TestApp, body: impl Into<reqwest::Body>) -> (StatusCode, Value) {
     let res = app
@@ -96,21 +63,10 @@ async fn post_raw(app: &TestApp, body: impl Into<reqwest::Body>) -> (StatusCode,
 
 /// The deployment holds no promotion and Redis no key of it.
 async fn assert_nothing_exists(app: &TestApp) {
-    let list = admin_list(app).await;
+    let list = app.admin_list().await;
     assert!(list.is_empty(), "no promotion was created: {list:?}");
-    let keys = keys_with_prefix(app).await;
+    let keys = app.redis_keys().await;
     assert!(keys.is_empty(), "no Redis key was written: {keys:?}");
-}
-
-fn assert_error(status: StatusCode, v: &Value, want: StatusCode, want_code: &str, what: &str) {
-    assert_eq!(status, want, "{what}: {v}");
-    assert_eq!(code(v), want_code, "{what}: {v}");
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .is_some_and(|m| !m.is_empty()),
-        "{what}: the error has a message: {v}"
-    );
 }
 
 /// Reads one answer from `s`: its head (status line and headers) and its
@@ -436,7 +392,8 @@ async fn a_name_of_200_characters_is_accepted_and_201_is_not() {
         assert_eq!(v["name"], json!(name));
         created.push(v["id"].as_i64().unwrap());
     }
-    let listed: Vec<i64> = admin_list(&app)
+    let listed: Vec<i64> = app
+        .admin_list()
         .await
         .iter()
         .map(|p| p["id"].as_i64().unwrap())
@@ -475,7 +432,7 @@ async fn a_declared_content_length_of_2_mib_is_413_before_the_body_is_sent() {
     let stats = app.stats(id).await;
     assert_eq!(stats["sold"], 0, "{stats}");
     assert_eq!(stats["remaining"], 5, "{stats}");
-    assert_eq!(admin_list(&app).await.len(), 1);
+    assert_eq!(app.admin_list().await.len(), 1);
     app.stop().await;
 }
 
@@ -544,8 +501,10 @@ async fn a_413_answer_announces_connection_close_before_the_server_drops_the_con
 fn over_limit_chunked(first_frame: usize) -> reqwest::Body {
     let first: Result<Frame<Bytes>, std::io::Error> =
         Ok(Frame::data(Bytes::from(vec![b' '; first_frame])));
-    let frames =
-        futures::StreamExt::chain(futures::stream::iter([first]), futures::stream::pending());
+    let frames = futures_util::StreamExt::chain(
+        futures_util::stream::iter([first]),
+        futures_util::stream::pending(),
+    );
     reqwest::Body::wrap(StreamBody::new(frames))
 }
 
@@ -626,7 +585,7 @@ async fn a_body_of_exactly_64_kib_is_read_and_one_byte_more_is_413() {
     exact.resize(LIMIT, b' ');
     let (status, v) = post_raw(&app, exact).await;
     assert_eq!(status, StatusCode::CREATED, "{v}");
-    assert_eq!(admin_list(&app).await.len(), 1);
+    assert_eq!(app.admin_list().await.len(), 1);
     app.stop().await;
 }
 
@@ -801,7 +760,7 @@ async fn garbage_on_every_route_with_any_credentials_is_a_4xx_json_error_and_cha
         .await["id"]
         .as_i64()
         .unwrap();
-    let keys_before = keys_with_prefix(&app).await;
+    let keys_before = app.redis_keys().await;
     let record_before = app
         .admin(Method::GET, &format!("/admin/promotions/{id}"), None)
         .await
@@ -990,8 +949,8 @@ async fn garbage_on_every_route_with_any_credentials_is_a_4xx_json_error_and_cha
     assert_eq!(record_after["stats"]["sold"], 0, "{record_after}");
     assert_eq!(record_after["stats"]["remaining"], 5, "{record_after}");
     assert_eq!(record_after, record_before);
-    assert_eq!(admin_list(&app).await.len(), 1);
-    assert_eq!(keys_with_prefix(&app).await, keys_before);
+    assert_eq!(app.admin_list().await.len(), 1);
+    assert_eq!(app.redis_keys().await, keys_before);
     app.stop().await;
 }
 

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use futures::future::join_all;
+use futures_util::future::join_all;
 use reqwest::StatusCode;
 use seckill::app::Role;
 
@@ -36,9 +36,7 @@ async fn a_cancelled_unit_is_sold_to_the_next_buyer_and_the_canceller_cannot_reb
         (StatusCode::CONFLICT, "already_purchased")
     );
     app.wait_for_rows(id, 2, Duration::from_secs(20)).await;
-    let (rc, out) = app
-        .cli(&["reconcile", "--promotion", &id.to_string()])
-        .await;
+    let (rc, out) = app.reconcile(id).await;
     assert_eq!(rc, 0, "{out}");
     app.stop().await;
 }
@@ -167,9 +165,7 @@ async fn pay_racing_the_expiry_sweeper_ends_paid_xor_cancelled_with_stock_return
         "stock arithmetic: the returned units and no more"
     );
     assert_eq!(stats["paid"], paid);
-    let (rc, out) = app
-        .cli(&["reconcile", "--promotion", &id.to_string()])
-        .await;
+    let (rc, out) = app.reconcile(id).await;
     assert_eq!(rc, 0, "{out}");
     app.stop().await;
 }
@@ -290,9 +286,7 @@ async fn redis_losing_a_promotion_is_rebuilt_by_recover() {
         "{status} {body}"
     );
     assert_ne!(status, StatusCode::OK, "nothing is sold from a lost state");
-    let (rc, out) = app
-        .cli(&["reconcile", "--promotion", &id.to_string()])
-        .await;
+    let (rc, out) = app.reconcile(id).await;
     assert_eq!(rc, 1, "reconcile sees the loss: {out}");
 
     let (rc, out) = app.cli(&["recover", "--promotion", &id.to_string()]).await;
@@ -321,9 +315,7 @@ async fn redis_losing_a_promotion_is_rebuilt_by_recover() {
     }
     assert_eq!(app.purchase(id, 6).await.0, StatusCode::OK);
     app.wait_for_rows(id, 6, Duration::from_secs(20)).await;
-    let (rc, out) = app
-        .cli(&["reconcile", "--promotion", &id.to_string()])
-        .await;
+    let (rc, out) = app.reconcile(id).await;
     assert_eq!(rc, 0, "{out}");
     app.stop().await;
 }

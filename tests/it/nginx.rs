@@ -16,10 +16,10 @@ use reqwest::StatusCode;
 use seckill::config::Settings;
 use seckill::stock::Keys;
 use serde_json::{Value, json};
-use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
 
-use crate::helpers::{ADMIN_TOKEN, active_body, code, test_settings, user_token};
+use crate::helpers::{
+    ADMIN_TOKEN, active_body, code, order_rows, test_pool, test_settings, user_token, wait_for_rows,
+};
 use crate::procs::{GatewayProc, spare_port};
 
 const NGINX: &str = "/usr/sbin/nginx";
@@ -270,35 +270,6 @@ async fn purchase(
     Some(read(res).await)
 }
 
-async fn connect_db(settings: &Settings) -> PgPool {
-    PgPoolOptions::new()
-        .max_connections(2)
-        .connect(&settings.database_url)
-        .await
-        .expect("test pool connects")
-}
-
-async fn order_rows(db: &PgPool, promotion: i64) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM orders WHERE promotion_id = $1")
-        .bind(promotion)
-        .fetch_one(db)
-        .await
-        .unwrap()
-}
-
-/// Waits until the promotion has `n` rows in PostgreSQL (or 30 s); returns
-/// the last count.
-async fn wait_for_rows(db: &PgPool, promotion: i64, n: i64) -> i64 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let rows = order_rows(db, promotion).await;
-        if rows >= n || tokio::time::Instant::now() >= deadline {
-            return rows;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 fn is_rate_limited_by_nginx(
     status: StatusCode,
     headers: &reqwest::header::HeaderMap,
@@ -367,7 +338,7 @@ async fn purchases_through_nginx_reach_postgres_via_two_gateways() {
     let settings = test_settings();
     let (a, b) = two_gateways(&settings, &[]).await;
     let nginx = Nginx::start("nginx.conf", &[&a.addr, &b.addr]).await;
-    let db = connect_db(&settings).await;
+    let db = test_pool(&settings).await;
 
     // Admin through nginx: allowed from loopback.
     let promotion = create_promotion(&nginx, active_body(100, 1)).await;
@@ -407,7 +378,7 @@ async fn purchases_through_nginx_reach_postgres_via_two_gateways() {
 
     // Every order reaches PostgreSQL, once.
     assert_eq!(
-        wait_for_rows(&db, promotion, buyers as i64).await,
+        wait_for_rows(&db, promotion, buyers as i64, Duration::from_secs(30)).await,
         buyers as i64
     );
     for id in &order_ids {
@@ -530,7 +501,7 @@ async fn gateways_see_the_client_address_behind_nginx_not_a_forged_one() {
                 }
                 async move { read(req.send().await.unwrap()).await }
             });
-            futures::future::join_all(requests).await
+            futures_util::future::join_all(requests).await
         }
     };
 
@@ -659,7 +630,7 @@ async fn a_gateway_killed_mid_sale_never_replays_a_purchase() {
     ];
     let (mut a, b) = two_gateways(&settings, &extra).await;
     let nginx = Arc::new(Nginx::start("nginx.conf", &[&a.addr, &b.addr]).await);
-    let db = connect_db(&settings).await;
+    let db = test_pool(&settings).await;
     let mut redis = seckill::stock::store::connect(
         &settings.redis_url,
         seckill::stock::ConnectOptions::commands(Duration::from_secs(5)),
@@ -751,7 +722,7 @@ async fn a_gateway_killed_mid_sale_never_replays_a_purchase() {
 
     // PostgreSQL agrees: one row per executed purchase (the 200s, plus at
     // most the unknown ones), none twice for a user.
-    let rows = wait_for_rows(&db, promotion, executed).await;
+    let rows = wait_for_rows(&db, promotion, executed, Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rows_later = order_rows(&db, promotion).await;
     assert_eq!(rows, executed, "every executed purchase is persisted");

@@ -4,7 +4,9 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 
-use crate::helpers::{ADMIN_TOKEN, JWT_SECRET, run_cli, spawn_app, test_settings};
+use crate::helpers::{
+    StoreOwner, listening_addr, run_cli, seckill_command, spawn_app, test_settings,
+};
 use crate::procs::GatewayProc;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,6 +75,8 @@ fn copy_lua_dir() -> std::path::PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_script_from_seckill_lua_dir_is_used_and_a_broken_one_stops_start_up() {
     let settings = test_settings();
+    // Held to the end: the broken start-up below may create the database again.
+    let _stores = StoreOwner::claim(&settings);
     // A changed (but valid) purchase script: a different SHA, same contract.
     let dir = copy_lua_dir();
     let path = dir.join("purchase.lua");
@@ -111,14 +115,9 @@ async fn a_script_from_seckill_lua_dir_is_used_and_a_broken_one_stops_start_up()
 
     // A script with a syntax error: start-up stops with Redis's error.
     std::fs::write(dir.join("restock.lua"), "this is not lua (").unwrap();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_seckill"))
+    let out = seckill_command(&settings)
         .arg("serve")
         .env("SECKILL_LISTEN", "127.0.0.1:0")
-        .env("SECKILL_REDIS_URL", &settings.redis_url)
-        .env("SECKILL_DATABASE_URL", &settings.database_url)
-        .env("SECKILL_KEY_PREFIX", &settings.key_prefix)
-        .env("SECKILL_JWT_SECRET", JWT_SECRET)
-        .env("SECKILL_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("SECKILL_LUA_DIR", &dir)
         .output();
     let out = tokio::time::timeout(Duration::from_secs(30), out)
@@ -133,33 +132,17 @@ async fn a_script_from_seckill_lua_dir_is_used_and_a_broken_one_stops_start_up()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_process_serves_health_ready_and_metrics_but_no_api() {
-    use tokio::io::AsyncBufReadExt;
     let settings = test_settings();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_seckill"))
+    let _stores = StoreOwner::claim(&settings);
+    let mut child = seckill_command(&settings)
         .arg("worker")
         .env("SECKILL_WORKER_LISTEN", "127.0.0.1:0")
-        .env("SECKILL_REDIS_URL", &settings.redis_url)
-        .env("SECKILL_DATABASE_URL", &settings.database_url)
-        .env("SECKILL_KEY_PREFIX", &settings.key_prefix)
-        .env("SECKILL_JWT_SECRET", JWT_SECRET)
-        .env("SECKILL_ADMIN_TOKEN", ADMIN_TOKEN)
         .env("SECKILL_LOG_FORMAT", "json")
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-            if v["fields"]["message"] == "worker ops endpoint listening" {
-                return v["fields"]["addr"].as_str().unwrap().to_string();
-            }
-        }
-        panic!("the worker exited before listening");
-    })
-    .await
-    .expect("the worker listens");
+    let addr = listening_addr(&mut child, "worker ops endpoint listening").await;
     let get = |path: &str| reqwest::get(format!("http://{addr}{path}"));
     assert_eq!(get("/health").await.unwrap().status(), StatusCode::OK);
     assert_eq!(get("/ready").await.unwrap().status(), StatusCode::OK);
@@ -168,4 +151,6 @@ async fn a_worker_process_serves_health_ready_and_metrics_but_no_api() {
         get("/api/promotions").await.unwrap().status(),
         StatusCode::NOT_FOUND
     );
+    // Gone before its stores are.
+    child.kill().await.unwrap();
 }

@@ -9,9 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use seckill::config::Settings;
-use tokio::io::AsyncBufReadExt;
 
-use crate::helpers::{ADMIN_TOKEN, JWT_SECRET};
+use crate::helpers::{ADMIN_TOKEN, StoreOwner, listening_addr, seckill_command};
 
 /// A port nothing listens on right now.
 pub fn spare_port() -> u16 {
@@ -262,23 +261,21 @@ impl Drop for PgProc {
     }
 }
 
-/// The real `seckill serve` binary on a free port.
+/// The real `seckill serve` binary on a free port. Dropping it kills the
+/// process and waits for it; then its share of the deployment's stores goes.
 pub struct GatewayProc {
     pub addr: String,
     pub child: tokio::process::Child,
+    _stores: StoreOwner,
 }
 
 impl GatewayProc {
     /// Starts `seckill serve` with `settings` and `extra` environment.
     pub async fn start(settings: &Settings, extra: &[(&str, &str)]) -> GatewayProc {
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_seckill"));
+        let stores = StoreOwner::claim(settings);
+        let mut cmd = seckill_command(settings);
         cmd.arg("serve")
             .env("SECKILL_LISTEN", "127.0.0.1:0")
-            .env("SECKILL_REDIS_URL", &settings.redis_url)
-            .env("SECKILL_DATABASE_URL", &settings.database_url)
-            .env("SECKILL_KEY_PREFIX", &settings.key_prefix)
-            .env("SECKILL_JWT_SECRET", JWT_SECRET)
-            .env("SECKILL_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("SECKILL_LOG_FORMAT", "json")
             .env("RUST_LOG", "info")
             // One test client plays thousands of buyers from one address.
@@ -292,23 +289,12 @@ impl GatewayProc {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("the seckill binary starts");
-        let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-        let addr = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Some(line) = lines.next_line().await.unwrap() {
-                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-                    continue;
-                };
-                if v["fields"]["message"] == "gateway listening" {
-                    return v["fields"]["addr"].as_str().unwrap().to_string();
-                }
-            }
-            panic!("the gateway exited before listening");
-        })
-        .await
-        .expect("the gateway listens within 30 s");
-        // Keep draining its log so it never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        GatewayProc { addr, child }
+        let addr = listening_addr(&mut child, "gateway listening").await;
+        GatewayProc {
+            addr,
+            child,
+            _stores: stores,
+        }
     }
 
     /// Creates a promotion on sale now through this gateway; returns its id.
@@ -333,5 +319,19 @@ impl GatewayProc {
     /// `kill -9`.
     pub async fn kill9(&mut self) {
         self.child.kill().await.unwrap();
+    }
+}
+
+impl Drop for GatewayProc {
+    fn drop(&mut self) {
+        // SIGKILL, and wait until it is gone: it must not write to Redis
+        // or PostgreSQL once its stores are being dropped.
+        let _ = self.child.start_kill();
+        for _ in 0..250 {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }

@@ -5,8 +5,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use futures::future::join_all;
+use futures_util::StreamExt;
+use futures_util::future::join_all;
 use reqwest::StatusCode;
 use seckill::app::Role;
 use seckill::stock::Buyer;
@@ -224,7 +224,7 @@ async fn after_a_sell_out_10000_purchases_are_refused_with_a_handful_of_redis_ca
     let before = commandstats(&redis.url()).await;
     let started = Instant::now();
     let app_ref = &app;
-    let answers: Vec<StatusCode> = futures::stream::iter(3..10_003)
+    let answers: Vec<StatusCode> = futures_util::stream::iter(3..10_003)
         .map(|u| async move { app_ref.purchase(id, u).await.0 })
         .buffer_unordered(200)
         .collect()

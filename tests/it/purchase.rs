@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use futures::future::join_all;
+use futures_util::future::join_all;
 use reqwest::StatusCode;
 use seckill::app::Role;
 

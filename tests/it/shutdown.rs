@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use futures::future::join_all;
+use futures_util::future::join_all;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -15,9 +15,10 @@ use crate::procs::GatewayProc;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sigterm_answers_every_in_flight_purchase_and_exits_zero() {
     let settings = test_settings();
-    let gateway = GatewayProc::start(&settings, &[("SECKILL_SHUTDOWN_GRACE_MS", "10000")]).await;
+    let mut gateway =
+        GatewayProc::start(&settings, &[("SECKILL_SHUTDOWN_GRACE_MS", "10000")]).await;
     let id = gateway.active_promotion(10, 1).await;
-    let (mut child, addr) = (gateway.child, gateway.addr);
+    let addr = gateway.addr.clone();
 
     // Twenty purchases whose bodies are only half sent: they are in flight
     // (the handler is reading the body) when the signal arrives.
@@ -35,7 +36,7 @@ async fn sigterm_answers_every_in_flight_purchase_and_exits_zero() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    kill(Pid::from_raw(child.id().unwrap() as i32), Signal::SIGTERM).unwrap();
+    kill(Pid::from_raw(gateway.pid()), Signal::SIGTERM).unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // The rest of each body arrives after the signal; each gets its answer.
@@ -65,7 +66,7 @@ async fn sigterm_answers_every_in_flight_purchase_and_exits_zero() {
     );
     assert_eq!(ok, 10, "exactly the stock was sold");
 
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+    let status = tokio::time::timeout(Duration::from_secs(15), gateway.child.wait())
         .await
         .expect("the gateway exits within the grace period")
         .unwrap();

@@ -4,13 +4,13 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use futures::future::join_all;
+use futures_util::future::join_all;
 use reqwest::StatusCode;
 use seckill::app::Role;
 use seckill::orders::{Worker, WorkerConfig};
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{TestApp, spawn_app_with};
+use crate::helpers::{TestApp, order_ids, spawn_app_with};
 
 fn config(batch: usize, claim_idle: Duration) -> WorkerConfig {
     WorkerConfig {
@@ -48,25 +48,6 @@ async fn buy(app: &TestApp, id: i64, n: i64) -> HashSet<String> {
         .collect()
 }
 
-async fn pending_count(app: &TestApp, id: i64) -> i64 {
-    let mut conn = app.redis.clone();
-    let summary: (i64, Option<String>, Option<String>, redis::Value) = redis::cmd("XPENDING")
-        .arg(app.keys.promotion(id).orders)
-        .arg(app.keys.consumer_group())
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    summary.0
-}
-
-async fn stored_ids(app: &TestApp, id: i64) -> Vec<String> {
-    sqlx::query_scalar("SELECT order_id FROM orders WHERE promotion_id = $1")
-        .bind(id)
-        .fetch_all(&app.db)
-        .await
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entries_of_a_worker_killed_before_acknowledging_are_claimed_and_persisted_once() {
     // The gateway runs without workers: the test plays them by hand.
@@ -90,7 +71,7 @@ async fn entries_of_a_worker_killed_before_acknowledging_are_claimed_and_persist
 
     assert_eq!(app.order_rows(id).await, 20);
     assert_eq!(
-        pending_count(&app, id).await,
+        app.pending_count(id).await,
         40,
         "all 40 entries are still unacknowledged"
     );
@@ -101,23 +82,23 @@ async fn entries_of_a_worker_killed_before_acknowledging_are_claimed_and_persist
     let running = tokio::spawn(c.run(stop.clone()));
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while pending_count(&app, id).await > 0 && tokio::time::Instant::now() < deadline {
+    while app.pending_count(id).await > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop.cancel();
     running.await.unwrap();
 
-    let stored = stored_ids(&app, id).await;
+    let stored = order_ids(&app.db, id).await;
     let distinct: HashSet<String> = stored.iter().cloned().collect();
     println!(
         "worker crash: 40 confirmed, {} rows, {} distinct, {} pending",
         stored.len(),
         distinct.len(),
-        pending_count(&app, id).await
+        app.pending_count(id).await
     );
     assert_eq!(stored.len(), 40, "no duplicate and none missing");
     assert_eq!(distinct, confirmed);
-    assert_eq!(pending_count(&app, id).await, 0);
+    assert_eq!(app.pending_count(id).await, 0);
     let stats = app.stats(id).await;
     assert_eq!(
         stats["in_stream"], 0,
@@ -140,7 +121,7 @@ async fn a_redelivered_order_is_skipped_not_inserted_twice() {
     assert_eq!(w.persist(&entries, &never).await.unwrap().rows, 0);
     w.ack(&entries, &[], &never).await.unwrap();
     assert_eq!(app.order_rows(id).await, 5);
-    assert_eq!(pending_count(&app, id).await, 0);
+    assert_eq!(app.pending_count(id).await, 0);
     app.stop().await;
 }
 
@@ -160,7 +141,7 @@ async fn a_batch_mixing_written_and_new_orders_writes_only_the_new_ones() {
     assert_eq!(w.persist(&entries, &never).await.unwrap().rows, 3);
     w.ack(&entries, &[], &never).await.unwrap();
     assert_eq!(app.order_rows(id).await, 5);
-    let stored: HashSet<String> = stored_ids(&app, id).await.into_iter().collect();
+    let stored: HashSet<String> = order_ids(&app.db, id).await.into_iter().collect();
     let sent: HashSet<String> = entries
         .iter()
         .map(|e| e.message.as_ref().unwrap().order_id.clone())
@@ -189,11 +170,11 @@ async fn a_malformed_entry_goes_to_the_dead_letter_stream_and_the_rest_is_persis
 
     assert_eq!(app.wait_for_rows(id, 3, Duration::from_secs(20)).await, 3);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while pending_count(&app, id).await > 0 && tokio::time::Instant::now() < deadline {
+    while app.pending_count(id).await > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(
-        pending_count(&app, id).await,
+        app.pending_count(id).await,
         0,
         "the bad entry does not stay pending"
     );
@@ -203,7 +184,7 @@ async fn a_malformed_entry_goes_to_the_dead_letter_stream_and_the_rest_is_persis
         .await
         .unwrap();
     assert_eq!(dead, 1);
-    let stored: HashSet<String> = stored_ids(&app, id).await.into_iter().collect();
+    let stored: HashSet<String> = order_ids(&app.db, id).await.into_iter().collect();
     assert_eq!(stored, confirmed);
     app.stop().await;
 }
