@@ -28,6 +28,10 @@ const LOCK_TTL: Duration = Duration::from_secs(60);
 /// before it writes (see `checkpoint`).
 pub const AFTER_READ: &str = "recovery.after_read";
 
+/// The pause point of a reconcile between its first PostgreSQL read and its
+/// Redis snapshot (see `checkpoint`).
+pub const RECONCILE_AFTER_POSTGRES: &str = "reconcile.after_postgres";
+
 /// What recovery did for one promotion.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recovered {
@@ -189,8 +193,10 @@ pub struct Reconciliation {
     pub returned: i64,
     /// Sum of the buyers' counts.
     pub bought_by_buyers: i64,
-    /// Orders in the stream that are not in PostgreSQL yet.
+    /// Accepted orders still in the stream (not acknowledged yet).
     pub unpersisted: i64,
+    /// Accepted orders found neither in the stream nor in PostgreSQL.
+    pub lost: i64,
     pub persisted: i64,
     pub paid: i64,
     pub cancelled: i64,
@@ -199,9 +205,19 @@ pub struct Reconciliation {
 }
 
 /// Compares Redis and PostgreSQL for every promotion not yet ended (or
-/// `only`). Checks: remaining + sold − returned = stock; the buyers' counts
-/// add up to sold; sold = persisted + orders still in the stream; returned =
-/// cancelled.
+/// `only`), during a live sale as well as after it.
+///
+/// Redis is read in one atomic snapshot (counters, returned and accepted
+/// order ids); PostgreSQL before it (orders recorded as returned) and after
+/// it (what became of the accepted orders). Each check compares values that
+/// only grow between the two reads in the direction that cannot fake a
+/// mismatch, so work in flight (an order in the stream, a cancel whose unit
+/// is on its way back) is never reported as drift. Checks: remaining + sold −
+/// returned = stock; the buyers' counts add up to sold; sold = accepted
+/// orders; every accepted order is in the stream or in PostgreSQL; the
+/// returned counter matches the returned orders, each of them cancelled in
+/// PostgreSQL; every order PostgreSQL records as returned is returned in
+/// Redis.
 ///
 /// `check_buyers` adds up the buyers hash (`HVALS`), which is O(buyers) in
 /// Redis: the CLI does it, the periodic metric does not.
@@ -228,41 +244,58 @@ async fn reconcile_one(
     p: &Promotion,
     check_buyers: bool,
 ) -> anyhow::Result<Reconciliation> {
-    let in_stream = store.stream_orders(p.id).await?;
-    let live = store
-        .counters(p.id)
+    let recorded_returned = orders::restocked(db, p.id).await?;
+    checkpoint::point(store.keys().prefix(), RECONCILE_AFTER_POSTGRES).await;
+    let snap = store
+        .snapshot(p.id, check_buyers)
         .await
         .context("failed to read the promotion's redis state")?;
-    let bought_by_buyers = if check_buyers {
-        store
-            .bought_by_buyers(p.id)
-            .await
-            .context("failed to read the buyers")?
-    } else {
-        live.sold
-    };
-    let stream_ids: Vec<&str> = in_stream.iter().map(|m| m.order_id.as_str()).collect();
-    let counts = orders::counts(db, p.id, &stream_ids).await?;
-    let (sold, returned) = (live.sold, live.returned);
-    let unpersisted = in_stream.len() as i64 - counts.of_listed;
-    let drift = match live.remaining {
+    let in_stream: HashSet<String> = store
+        .stream_orders(p.id)
+        .await?
+        .into_iter()
+        .map(|m| m.order_id)
+        .collect();
+    // Accepted orders no longer in the stream were acknowledged, so
+    // written: PostgreSQL must have each of them.
+    let written: Vec<&str> = snap
+        .won
+        .iter()
+        .filter(|o| !in_stream.contains(*o))
+        .map(String::as_str)
+        .collect();
+    let returned_ids: Vec<&str> = snap.returned_ids.iter().map(String::as_str).collect();
+    let counts = orders::counts(db, p.id, &written, &returned_ids).await?;
+    let unpersisted = (snap.won.len() - written.len()) as i64;
+    let lost = written.len() as i64 - counts.of_listed;
+    let bought_by_buyers = snap.bought_by_buyers.unwrap_or(snap.sold);
+    let (sold, returned) = (snap.sold, snap.returned);
+    let stranded = recorded_returned
+        .iter()
+        .filter(|o| !snap.returned_ids.contains(*o))
+        .count() as i64;
+    let drift = match snap.remaining {
         None if p.ends_at > Utc::now() => 1 + counts.persisted,
         None => 0,
         Some(left) => {
             (left + sold - returned - p.stock).abs()
                 + (bought_by_buyers - sold).abs()
-                + (sold - counts.persisted - unpersisted).abs()
-                + (returned - counts.cancelled).abs()
+                + (sold - snap.won.len() as i64).abs()
+                + lost
+                + (returned - returned_ids.len() as i64).abs()
+                + (returned_ids.len() as i64 - counts.cancelled_of_returned)
+                + stranded
         }
     };
     Ok(Reconciliation {
         promotion_id: p.id,
         stock: p.stock,
-        remaining: live.remaining,
+        remaining: snap.remaining,
         sold,
         returned,
         bought_by_buyers,
         unpersisted,
+        lost,
         persisted: counts.persisted,
         paid: counts.paid,
         cancelled: counts.cancelled,

@@ -15,8 +15,8 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use super::repo::{self, Order, OrderStatus};
-use crate::pace;
 use crate::stock::{Restock, Store};
+use crate::{checkpoint, pace};
 
 /// How long pay and cancel wait for an order that is still on its way from
 /// the stream to PostgreSQL (normally milliseconds).
@@ -24,6 +24,10 @@ const PERSIST_WAIT: Duration = Duration::from_secs(2);
 
 /// How often pay and cancel look again for an order on its way.
 const PERSIST_POLL: Duration = Duration::from_millis(50);
+
+/// The pause point between a cancel's commit and its restock (see
+/// `checkpoint`).
+pub const AFTER_CANCEL_COMMIT: &str = "lifecycle.after_cancel_commit";
 
 /// Orders expired per sweep statement.
 const SWEEP_BATCH: i64 = 500;
@@ -133,6 +137,7 @@ impl Lifecycle {
         let cancelled_now_or_before = matches!(&outcome, Transition::AlreadyCancelled)
             || matches!(&outcome, Transition::Done(o) if o.status == Cancelled);
         if cancelled_now_or_before && (row.status == Pending || row.restocked_at.is_none()) {
+            checkpoint::point(self.store.keys().prefix(), AFTER_CANCEL_COMMIT).await;
             self.restock(row.promotion_id, &row.order_id).await?;
         }
         Ok(Some(outcome))

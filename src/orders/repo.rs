@@ -219,33 +219,54 @@ pub struct StatusCounts {
     pub persisted: i64,
     pub paid: i64,
     pub cancelled: i64,
-    /// How many of the order ids asked about are persisted.
+    /// How many of the `listed` order ids are persisted.
     pub of_listed: i64,
+    /// How many of the `returned` order ids are persisted and cancelled.
+    pub cancelled_of_returned: i64,
 }
 
-/// Counts a promotion's persisted orders by status, and how many of
-/// `order_ids` are among them, in one statement.
+/// Counts a promotion's persisted orders by status, how many of `listed`
+/// are among them, and how many of `returned` are cancelled, in one
+/// statement.
 pub async fn counts(
     db: &PgPool,
     promotion_id: i64,
-    order_ids: &[&str],
+    listed: &[&str],
+    returned: &[&str],
 ) -> anyhow::Result<StatusCounts> {
-    let (persisted, paid, cancelled, of_listed): (i64, i64, i64, i64) = sqlx::query_as(
-        "SELECT count(*), count(*) FILTER (WHERE status = 'paid'), \
-         count(*) FILTER (WHERE status = 'cancelled'), \
-         count(*) FILTER (WHERE order_id = ANY($2)) FROM orders WHERE promotion_id = $1",
-    )
-    .bind(promotion_id)
-    .bind(order_ids)
-    .fetch_one(db)
-    .await
-    .with_context(|| format!("failed to count the orders of promotion {promotion_id}"))?;
+    let (persisted, paid, cancelled, of_listed, cancelled_of_returned): (i64, i64, i64, i64, i64) =
+        sqlx::query_as(
+            "SELECT count(*), count(*) FILTER (WHERE status = 'paid'), \
+             count(*) FILTER (WHERE status = 'cancelled'), \
+             count(*) FILTER (WHERE order_id = ANY($2)), \
+             count(*) FILTER (WHERE status = 'cancelled' AND order_id = ANY($3)) \
+             FROM orders WHERE promotion_id = $1",
+        )
+        .bind(promotion_id)
+        .bind(listed)
+        .bind(returned)
+        .fetch_one(db)
+        .await
+        .with_context(|| format!("failed to count the orders of promotion {promotion_id}"))?;
     Ok(StatusCounts {
         persisted,
         paid,
         cancelled,
         of_listed,
+        cancelled_of_returned,
     })
+}
+
+/// The ids of a promotion's cancelled orders recorded as returned.
+pub async fn restocked(db: &PgPool, promotion_id: i64) -> anyhow::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT order_id FROM orders WHERE promotion_id = $1 \
+         AND status = 'cancelled' AND restocked_at IS NOT NULL",
+    )
+    .bind(promotion_id)
+    .fetch_all(db)
+    .await
+    .context("failed to list the returned orders")
 }
 
 /// Every order of a promotion, for recovery.

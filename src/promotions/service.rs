@@ -133,7 +133,7 @@ impl Promotions {
     pub async fn with_stats(&self, id: i64) -> Result<WithStats, PromotionError> {
         let promotion = repo::get(&self.db, id).await?.ok_or(Refusal::NotFound)?;
         let live = self.store.counters(id).await?;
-        let stored = orders::counts(&self.db, id, &[]).await?;
+        let stored = orders::counts(&self.db, id, &[], &[]).await?;
         Ok(WithStats {
             promotion,
             live,

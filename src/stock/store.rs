@@ -167,6 +167,21 @@ pub struct LiveCounters {
     pub has_meta: bool,
 }
 
+/// One promotion's sale state at one instant (see [`Store::snapshot`]).
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Units left on sale; `None` when Redis has no stock key for it.
+    pub remaining: Option<i64>,
+    pub sold: i64,
+    pub returned: i64,
+    /// Ids of the orders whose unit came back.
+    pub returned_ids: HashSet<String>,
+    /// Ids of the orders the purchase script accepted.
+    pub won: HashSet<String>,
+    /// The sum of the buyers' counts, when asked for.
+    pub bought_by_buyers: Option<i64>,
+}
+
 /// An error for a reply the program does not understand: never guessed at.
 fn unexpected(what: &'static str, detail: impl ToString) -> RedisError {
     RedisError::from((ErrorKind::UnexpectedReturnType, what, detail.to_string()))
@@ -534,6 +549,59 @@ impl Store {
             in_stream,
             has_meta,
         })
+    }
+
+    /// A consistent view of promotion `id` for reconciliation: counters and
+    /// the returned and accepted order ids, read in one `MULTI`, so no
+    /// script runs in between. The buyers' counts are added up only when
+    /// `with_buyers` (`HVALS`, O(buyers)).
+    pub async fn snapshot(&self, id: i64, with_buyers: bool) -> RedisResult<Snapshot> {
+        let k = self.keys.promotion(id);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .get(&k.stock)
+            .hget(&k.meta, "sold")
+            .hget(&k.meta, "returned")
+            .smembers(&k.returned)
+            .smembers(&k.won);
+        if with_buyers {
+            pipe.hvals(&k.buyers);
+        }
+        let snapshot = if with_buyers {
+            let (remaining, sold, returned, returned_ids, won, bought): (
+                Option<i64>,
+                Option<i64>,
+                Option<i64>,
+                HashSet<String>,
+                HashSet<String>,
+                Vec<i64>,
+            ) = pipe.query_async(&mut self.conn()).await?;
+            Snapshot {
+                remaining,
+                sold: sold.unwrap_or(0),
+                returned: returned.unwrap_or(0),
+                returned_ids,
+                won,
+                bought_by_buyers: Some(bought.iter().sum()),
+            }
+        } else {
+            let (remaining, sold, returned, returned_ids, won): (
+                Option<i64>,
+                Option<i64>,
+                Option<i64>,
+                HashSet<String>,
+                HashSet<String>,
+            ) = pipe.query_async(&mut self.conn()).await?;
+            Snapshot {
+                remaining,
+                sold: sold.unwrap_or(0),
+                returned: returned.unwrap_or(0),
+                returned_ids,
+                won,
+                bought_by_buyers: None,
+            }
+        };
+        Ok(snapshot)
     }
 
     /// Units left on sale for several promotions in one round trip.

@@ -296,3 +296,147 @@ async fn a_replayed_purchase_call_answers_bought_again_and_takes_nothing_twice()
     assert_eq!(counters.sold, 2);
     assert_eq!(counters.in_stream, 2, "one order message each");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reconcile_between_a_cancels_commit_and_its_restock_reports_no_drift() {
+    let app = spawn_app_with(Role::Serve, |_| {}).await;
+    let id = app.active_promotion(10, 1).await;
+    let order = app.buy(id, 1).await;
+    assert_eq!(app.wait_for_rows(id, 1, Duration::from_secs(20)).await, 1);
+
+    // The cancel is committed in PostgreSQL; its unit is not back yet.
+    let hold = checkpoint::arm(
+        &app.settings.key_prefix,
+        seckill::orders::lifecycle::AFTER_CANCEL_COMMIT,
+    );
+    let cancel = {
+        let (client, url) = (
+            app.client.clone(),
+            app.url(&format!("/api/orders/{order}/cancel")),
+        );
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .bearer_auth(crate::helpers::user_token(1))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        })
+    };
+    hold.reached().await;
+    assert_eq!(
+        drift(&app, id).await,
+        0,
+        "a unit on its way back is not drift"
+    );
+    hold.release();
+    assert_eq!(cancel.await.unwrap(), StatusCode::OK);
+    assert_eq!(app.stats(id).await["remaining"], 10);
+    assert_eq!(drift(&app, id).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reconcile_run_in_a_loop_during_a_sale_with_cancels_and_expiries_always_reports_zero() {
+    let app = spawn_app_with(Role::Serve, |s| {
+        s.payment_timeout = Duration::from_millis(700);
+        s.sweep_interval = Duration::from_millis(50);
+        s.worker_block = Duration::from_millis(50);
+    })
+    .await;
+    let id = app.active_promotion(5_000, 1).await;
+    let stop = CancellationToken::new();
+    let reconciling = {
+        let (db, s, stop) = (app.db.clone(), store(&app), stop.clone());
+        tokio::spawn(async move {
+            let mut runs = Vec::new();
+            while !stop.is_cancelled() {
+                let r = recovery::reconcile(&db, &s, Some(id), true).await.unwrap();
+                runs.push(r[0].clone());
+            }
+            runs
+        })
+    };
+    let mut user = 0;
+    for _wave in 0..8 {
+        let users: Vec<i64> = (0..150)
+            .map(|_| {
+                user += 1;
+                user
+            })
+            .collect();
+        let orders: Vec<(i64, String)> = join_all(users.iter().map(|u| {
+            let app = &app;
+            async move { (*u, app.buy(id, *u).await) }
+        }))
+        .await;
+        // Every fifth buyer cancels; the others never pay, so they expire.
+        join_all(
+            orders
+                .iter()
+                .filter(|(u, _)| u % 5 == 0)
+                .map(|(u, o)| app.order_action(o, "cancel", *u)),
+        )
+        .await;
+    }
+    // Let every unpaid order expire and come back while reconcile runs.
+    let sold = user;
+    let remaining = wait_for_stat(&app, id, "remaining", 5_000, Duration::from_secs(30)).await;
+    stop.cancel();
+    let runs = reconciling.await.unwrap();
+    let drifting: Vec<_> = runs.iter().filter(|r| r.drift != 0).collect();
+    let in_flight = runs.iter().filter(|r| r.unpersisted > 0).count();
+    println!(
+        "{} reconciles during a sale of {sold} orders; {in_flight} saw orders in the stream; {} drifted",
+        runs.len(),
+        drifting.len()
+    );
+    assert!(
+        runs.len() >= 5,
+        "reconcile ran during the sale: {}",
+        runs.len()
+    );
+    assert!(drifting.is_empty(), "{drifting:#?}");
+    assert_eq!(remaining, 5_000, "every unit came back");
+    assert_eq!(drift(&app, id).await, 0);
+}
+
+#[tokio::test]
+async fn reconcile_still_reports_a_lost_order_and_a_unit_marked_returned_but_not_back() {
+    let app = spawn_app_with(Role::Serve, |_| {}).await;
+    let id = app.active_promotion(10, 1).await;
+    let kept = app.buy(id, 1).await;
+    let cancelled = app.buy(id, 2).await;
+    assert_eq!(app.wait_for_rows(id, 2, Duration::from_secs(20)).await, 2);
+    assert_eq!(
+        app.order_action(&cancelled, "cancel", 2).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(drift(&app, id).await, 0);
+
+    // PostgreSQL loses an acknowledged order.
+    sqlx::query("DELETE FROM orders WHERE order_id = $1")
+        .bind(&kept)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let r = recovery::reconcile(&app.db, &store(&app), Some(id), true)
+        .await
+        .unwrap();
+    assert_eq!((r[0].lost, r[0].drift), (1, 1), "{r:?}");
+
+    // Redis forgets that the cancelled order's unit came back.
+    let _: i64 = redis::cmd("SREM")
+        .arg(app.keys.promotion(id).returned)
+        .arg(&cancelled)
+        .query_async(&mut app.redis.clone())
+        .await
+        .unwrap();
+    let r = recovery::reconcile(&app.db, &store(&app), Some(id), true)
+        .await
+        .unwrap();
+    assert!(
+        r[0].drift >= 3,
+        "lost, the returned counter, the stranded unit: {r:?}"
+    );
+}
