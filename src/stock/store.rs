@@ -557,49 +557,42 @@ impl Store {
     /// `with_buyers` (`HVALS`, O(buyers)).
     pub async fn snapshot(&self, id: i64, with_buyers: bool) -> RedisResult<Snapshot> {
         let k = self.keys.promotion(id);
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .get(&k.stock)
-            .hget(&k.meta, "sold")
-            .hget(&k.meta, "returned")
-            .smembers(&k.returned)
-            .smembers(&k.won);
-        if with_buyers {
-            pipe.hvals(&k.buyers);
-        }
-        let snapshot = if with_buyers {
-            let (remaining, sold, returned, returned_ids, won, bought): (
-                Option<i64>,
-                Option<i64>,
-                Option<i64>,
-                HashSet<String>,
-                HashSet<String>,
-                Vec<i64>,
-            ) = pipe.query_async(&mut self.conn()).await?;
-            Snapshot {
-                remaining,
-                sold: sold.unwrap_or(0),
-                returned: returned.unwrap_or(0),
-                returned_ids,
-                won,
-                bought_by_buyers: Some(bought.iter().sum()),
-            }
+        type Counters = (Option<i64>, Option<i64>, Option<i64>);
+        type Ids = (HashSet<String>, HashSet<String>);
+        let mut conn = self.conn();
+        let ((remaining, sold, returned), (returned_ids, won), bought) = if with_buyers {
+            let (c, i, bought): (Counters, Ids, Vec<i64>) = redis::pipe()
+                .atomic()
+                .get(&k.stock)
+                .hget(&k.meta, "sold")
+                .hget(&k.meta, "returned")
+                .smembers(&k.returned)
+                .smembers(&k.won)
+                .hvals(&k.buyers)
+                .query_async(&mut conn)
+                .await
+                .map(|(a, b, c, d, e, f)| ((a, b, c), (d, e), f))?;
+            (c, i, Some(bought.iter().sum()))
         } else {
-            let (remaining, sold, returned, returned_ids, won): (
-                Option<i64>,
-                Option<i64>,
-                Option<i64>,
-                HashSet<String>,
-                HashSet<String>,
-            ) = pipe.query_async(&mut self.conn()).await?;
-            Snapshot {
-                remaining,
-                sold: sold.unwrap_or(0),
-                returned: returned.unwrap_or(0),
-                returned_ids,
-                won,
-                bought_by_buyers: None,
-            }
+            let (c, i): (Counters, Ids) = redis::pipe()
+                .atomic()
+                .get(&k.stock)
+                .hget(&k.meta, "sold")
+                .hget(&k.meta, "returned")
+                .smembers(&k.returned)
+                .smembers(&k.won)
+                .query_async(&mut conn)
+                .await
+                .map(|(a, b, c, d, e)| ((a, b, c), (d, e)))?;
+            (c, i, None)
+        };
+        let snapshot = Snapshot {
+            remaining,
+            sold: sold.unwrap_or(0),
+            returned: returned.unwrap_or(0),
+            returned_ids,
+            won,
+            bought_by_buyers: bought,
         };
         Ok(snapshot)
     }
