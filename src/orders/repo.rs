@@ -85,9 +85,27 @@ const INSERT_BATCH_SKIPPING: &str =
 pub struct Inserted {
     /// Rows written (orders already there are skipped, not counted).
     pub rows: u64,
-    /// Indices in the batch of the orders refused because another order
-    /// holds their buyer's `seq`: never written, for a person to look at.
-    pub conflicts: Vec<usize>,
+    /// The orders PostgreSQL refused, by index in the batch: never written,
+    /// for a person to look at.
+    pub refused: Vec<(usize, Refused)>,
+}
+
+/// Why PostgreSQL refused an order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// Another order holds this buyer's `seq` in the promotion.
+    SeqTaken,
+    /// The promotion does not exist.
+    NoPromotion,
+}
+
+impl Refused {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refused::SeqTaken => "another order holds this buyer's seq",
+            Refused::NoPromotion => "the promotion does not exist",
+        }
+    }
 }
 
 /// Writes a batch in one statement. An order already there (a redelivered
@@ -101,45 +119,53 @@ pub struct Inserted {
 /// `ON CONFLICT (order_id) DO NOTHING`, which skips those rows. Any other
 /// unique violation (a second order for one buyer's `seq`) is never skipped
 /// silently: the batch is then written row by row and the refused rows are
-/// returned in [`Inserted::conflicts`].
+/// returned in [`Inserted::refused`], and so is an order of a promotion that
+/// does not exist: neither can ever be written, so retrying would block the
+/// stream forever.
 pub async fn insert_batch(db: &PgPool, batch: &[&OrderMessage]) -> anyhow::Result<Inserted> {
     if batch.is_empty() {
         return Ok(Inserted::default());
     }
     let context = || format!("failed to insert a batch of {} orders", batch.len());
+    let written = |rows| Inserted {
+        rows,
+        refused: Vec::new(),
+    };
     match insert_rows(db, INSERT_BATCH, batch).await {
-        Ok(rows) => {
-            return Ok(Inserted {
-                rows,
-                conflicts: Vec::new(),
-            });
-        }
-        Err(e) if !is_unique_violation(&e) => return Err(e).with_context(context),
+        Ok(rows) => return Ok(written(rows)),
+        Err(e) if refusal(&e).is_none() => return Err(e).with_context(context),
         Err(_) => {}
     }
     match insert_rows(db, INSERT_BATCH_SKIPPING, batch).await {
-        Ok(rows) => {
-            return Ok(Inserted {
-                rows,
-                conflicts: Vec::new(),
-            });
-        }
-        Err(e) if !is_unique_violation(&e) => return Err(e).with_context(context),
+        Ok(rows) => return Ok(written(rows)),
+        Err(e) if refusal(&e).is_none() => return Err(e).with_context(context),
         Err(_) => {}
     }
-    let mut inserted = Inserted::default();
+    let mut inserted = written(0);
     for (i, m) in batch.iter().enumerate() {
         match insert_rows(db, INSERT_BATCH_SKIPPING, std::slice::from_ref(m)).await {
             Ok(rows) => inserted.rows += rows,
-            Err(e) if is_unique_violation(&e) => inserted.conflicts.push(i),
-            Err(e) => return Err(e).with_context(context),
+            Err(e) => match refusal(&e) {
+                Some(why) => inserted.refused.push((i, why)),
+                None => return Err(e).with_context(context),
+            },
         }
     }
     Ok(inserted)
 }
 
-fn is_unique_violation(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
+/// Why PostgreSQL refused a row for good, if it did.
+fn refusal(e: &sqlx::Error) -> Option<Refused> {
+    let sqlx::Error::Database(d) = e else {
+        return None;
+    };
+    if d.is_unique_violation() {
+        Some(Refused::SeqTaken)
+    } else if d.is_foreign_key_violation() {
+        Some(Refused::NoPromotion)
+    } else {
+        None
+    }
 }
 
 /// One `INSERT … SELECT FROM unnest(…)` of `batch` with `sql`.

@@ -20,8 +20,6 @@ use crate::pace::{self, Backoff};
 /// Why a malformed entry is in the dead-letter stream.
 const MALFORMED: &str = "malformed";
 
-/// Why an order PostgreSQL refused is in the dead-letter stream.
-const CONFLICTING: &str = "another order holds this buyer's seq";
 use crate::stock::{ConnectOptions, Entry, Keys, OrderMessage, Store};
 
 /// How a worker paces itself.
@@ -154,14 +152,14 @@ impl Worker {
             .map(|e| (e, MALFORMED))
             .collect();
         let written: Vec<&Entry> = entries.iter().filter(|e| e.message.is_some()).collect();
-        for &i in &inserted.conflicts {
+        for &(i, why) in &inserted.refused {
             let e = written[i];
-            tracing::error!(stream = %e.stream, id = %e.id, order = ?e.message, "an order conflicts with another of the same buyer and seq; moved to the dead-letter stream");
-            dead.push((e, CONFLICTING));
+            tracing::error!(stream = %e.stream, id = %e.id, order = ?e.message, reason = why.reason(), "postgresql refused an order; moved to the dead-letter stream");
+            dead.push((e, why.reason()));
         }
-        if !inserted.conflicts.is_empty() {
-            metrics::counter!("seckill_orders_conflicting_total")
-                .increment(inserted.conflicts.len() as u64);
+        if !inserted.refused.is_empty() {
+            metrics::counter!("seckill_orders_refused_total")
+                .increment(inserted.refused.len() as u64);
         }
         self.ack(&entries, &dead, shutdown).await?;
         metrics::counter!("seckill_orders_acknowledged_total").increment(n as u64);

@@ -126,6 +126,29 @@ pub async fn delete_unless_running(db: &PgPool, id: i64) -> anyhow::Result<Resul
     }))
 }
 
+/// Writes `p`'s fields back as they were: only for undoing an edit whose
+/// preheat failed, before the promotion starts.
+pub async fn restore(db: &PgPool, p: &Promotion) -> anyhow::Result<()> {
+    sqlx::query(
+        "UPDATE promotions SET name = $2, stock = $3, per_user_limit = $4, price_cents = $5, \
+         starts_at = $6, ends_at = $7, require_token = $8, require_captcha = $9, \
+         updated_at = now() WHERE id = $1",
+    )
+    .bind(p.id)
+    .bind(&p.name)
+    .bind(p.stock)
+    .bind(p.per_user_limit)
+    .bind(p.price_cents)
+    .bind(p.starts_at)
+    .bind(p.ends_at)
+    .bind(p.require_token)
+    .bind(p.require_captcha)
+    .execute(db)
+    .await
+    .with_context(|| format!("failed to restore promotion {}", p.id))?;
+    Ok(())
+}
+
 /// Removes a promotion unconditionally: only for undoing a creation whose
 /// preheat failed, before anything could be sold.
 pub async fn remove(db: &PgPool, id: i64) -> anyhow::Result<()> {

@@ -88,7 +88,8 @@ impl Promotions {
     }
 
     /// Applies `input` to a promotion that has not started, then preheats
-    /// Redis with the new values.
+    /// Redis with the new values. When the preheat fails, the old values are
+    /// written back to both stores, so they never disagree on what is sold.
     pub async fn update(&self, id: i64, input: PromotionInput) -> Result<Saved, PromotionError> {
         let current = repo::get(&self.db, id).await?.ok_or(Refusal::NotFound)?;
         if current.starts_at <= Utc::now() {
@@ -96,7 +97,21 @@ impl Promotions {
         }
         let edited = input.apply_to(&current)?;
         let p = repo::update_before_start(&self.db, id, &edited).await??;
-        let remaining = self.store.preheat(&p.meta()).await?;
+        let remaining = match self.store.preheat(&p.meta()).await {
+            Ok(left) => left,
+            Err(e) => {
+                // Redis may still sell with the old values: put them back in
+                // PostgreSQL too, and in Redis (after the failed call on the
+                // same connection, should that call still run).
+                if let Err(undo) = repo::restore(&self.db, &current).await {
+                    tracing::error!(id, error = %format!("{undo:#}"), "failed to restore a promotion whose preheat failed");
+                } else if let Err(undo) = self.store.preheat(&current.meta()).await {
+                    tracing::warn!(id, error = %format!("{undo:#}"), "failed to preheat the restored promotion; recovery will");
+                }
+                self.changed(id).await;
+                return Err(e.into());
+            }
+        };
         self.changed(id).await;
         Ok(Saved {
             promotion: p,

@@ -14,7 +14,8 @@ use seckill::recovery;
 use seckill::stock::{Buyer, Outcome, Store};
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{TestApp, code, spawn_app_with};
+use crate::helpers::{TestApp, code, spawn_app_with, spawn_with_settings, test_settings};
+use crate::procs::RedisProc;
 
 /// The test's view of Redis, through the program's own store.
 fn store(app: &TestApp) -> Store {
@@ -439,4 +440,178 @@ async fn reconcile_still_reports_a_lost_order_and_a_unit_marked_returned_but_not
         r[0].drift >= 3,
         "lost, the returned counter, the stranded unit: {r:?}"
     );
+}
+
+/// Waits until the gateway's own Redis connection answers again (`/ready`
+/// goes through it, after every command queued on it).
+async fn wait_ready(app: &TestApp) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = app.client.get(app.url("/ready")).send().await;
+        if matches!(&ready, Ok(r) if r.status() == StatusCode::OK) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never ready again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_create_whose_preheat_reply_is_lost_leaves_the_promotion_in_neither_store() {
+    let redis = RedisProc::start(false).await;
+    let mut settings = test_settings();
+    settings.redis_url = redis.url();
+    settings.redis_timeout = Duration::from_millis(300);
+    let app = spawn_with_settings(Role::GatewayOnly, settings).await;
+    let first = app.active_promotion(10, 1).await;
+
+    // Redis holds every write: the preheat runs only after the gateway gave
+    // up waiting for its reply.
+    let mut admin = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg(&["PAUSE", "20000", "WRITE"])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let (status, body) = app
+        .admin(
+            reqwest::Method::POST,
+            "/admin/promotions",
+            Some(crate::helpers::active_body(10, 1)),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let _: () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    wait_ready(&app).await;
+
+    let lost = first + 1;
+    let in_postgres: i64 = sqlx::query_scalar("SELECT count(*) FROM promotions WHERE id = $1")
+        .bind(lost)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    let k = app.keys.promotion(lost);
+    let (meta, stock, live): (bool, bool, bool) = redis::pipe()
+        .exists(&k.meta)
+        .exists(&k.stock)
+        .sismember(app.keys.live_promotions(), lost)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(
+        (in_postgres, meta, stock, live),
+        (0, false, false, false),
+        "the failed creation left nothing behind"
+    );
+    let (status, _) = app.purchase(lost, 1).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_edit_whose_preheat_fails_keeps_the_old_values_in_both_stores() {
+    let mut redis = RedisProc::start(true).await;
+    let mut admin = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    // Every write reaches the AOF before its reply: kill -9 loses nothing.
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "appendfsync", "always"])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let mut settings = test_settings();
+    settings.redis_url = redis.url();
+    let app = spawn_with_settings(Role::GatewayOnly, settings).await;
+    let mut body = crate::helpers::active_body(10, 1);
+    let now = chrono::Utc::now();
+    body["starts_at"] = crate::helpers::rfc3339(now + chrono::Duration::hours(1)).into();
+    body["ends_at"] = crate::helpers::rfc3339(now + chrono::Duration::hours(2)).into();
+    let id = app.create_promotion(body).await["id"].as_i64().unwrap();
+
+    redis.kill9();
+    let (status, body) = app
+        .admin(
+            reqwest::Method::PUT,
+            &format!("/admin/promotions/{id}"),
+            Some(serde_json::json!({"stock": 20})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    redis.restart().await;
+    wait_ready(&app).await;
+
+    let (status, body) = app
+        .admin(
+            reqwest::Method::GET,
+            &format!("/admin/promotions/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["stock"], 10, "PostgreSQL keeps the old stock: {body}");
+    let mut admin = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let in_redis: i64 = redis::cmd("HGET")
+        .arg(app.keys.promotion(id).meta)
+        .arg("stock")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(in_redis, 10, "Redis sells the same stock");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_order_of_a_promotion_postgres_does_not_know_is_dead_lettered_not_retried_forever() {
+    let app = spawn_app_with(Role::Serve, |_| {}).await;
+    let id = app.active_promotion(10, 1).await;
+    let mut conn = app.redis.clone();
+    let _: String = redis::cmd("XADD")
+        .arg(app.keys.promotion(id).orders)
+        .arg("*")
+        .arg(&[
+            ("order_id", "00000000-0000-7000-8000-0000000000ff"),
+            ("promotion_id", "987654"),
+            ("user_id", "5"),
+            ("seq", "1"),
+            ("price_cents", "1"),
+            ("created_ms", "1700000000000"),
+        ])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // A good order behind it is not held up.
+    let good = app.buy(id, 1).await;
+    assert_eq!(app.wait_for_rows(id, 1, Duration::from_secs(20)).await, 1);
+    assert!(app.order_status(&good).await.is_some());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let dead = loop {
+        let dead: String = format!(
+            "{:?}",
+            redis::cmd("XRANGE")
+                .arg(app.keys.dead_letters())
+                .arg("-")
+                .arg("+")
+                .query_async::<redis::Value>(&mut conn)
+                .await
+                .unwrap()
+        );
+        if dead.contains("0000000000ff") || tokio::time::Instant::now() >= deadline {
+            break dead;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(dead.contains("the promotion does not exist"), "{dead}");
 }
