@@ -188,11 +188,9 @@ impl App {
                 token.clone(),
             ));
         }
-        let stopped = token.clone();
-        let signal = async move {
-            shutdown.await;
-            stopped.cancel();
-        };
+        // The background tasks stop only after HTTP has drained, so the
+        // workers write the orders of the last purchases answered.
+        let signal = shutdown;
         match self.listener {
             Some(listener) => {
                 let what = if self.state.ops_only {

@@ -35,6 +35,10 @@ pub struct WorkerConfig {
     pub claim_every: Duration,
     /// How often the list of live promotions is read again.
     pub refresh_every: Duration,
+    /// On shutdown, how long the worker goes on writing what is left in the
+    /// streams (the gateway in the same process has drained its requests by
+    /// then) before it stops.
+    pub drain: Duration,
 }
 
 impl WorkerConfig {
@@ -46,6 +50,7 @@ impl WorkerConfig {
             claim_every: (s.claim_idle / 2)
                 .clamp(Duration::from_millis(100), Duration::from_secs(10)),
             refresh_every: Duration::from_secs(1),
+            drain: s.shutdown_grace,
         }
     }
 }
@@ -95,8 +100,10 @@ impl Worker {
         })
     }
 
-    /// Runs until `shutdown`; the batch in hand is finished (committed and
-    /// acknowledged) or left pending for another consumer, never half.
+    /// Runs until `shutdown`, then drains: it goes on reading and writing
+    /// until the streams have nothing new or `drain` has passed. The batch
+    /// in hand is finished (committed and acknowledged) or left pending for
+    /// another consumer, never half.
     pub async fn run(mut self, shutdown: CancellationToken) {
         tracing::info!(consumer = %self.consumer, "order worker started");
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
@@ -109,7 +116,34 @@ impl Worker {
                 }
             }
         }
+        let drained = tokio::time::timeout(self.config.drain, self.drain()).await;
+        if drained.is_err() {
+            tracing::warn!(consumer = %self.consumer, "stopped before the streams were drained; the rest stays for the next worker");
+        }
         tracing::info!(consumer = %self.consumer, "order worker stopped");
+    }
+
+    /// Writes what is left in the streams until a read finds nothing new.
+    async fn drain(&mut self) {
+        // Not cancelled: the caller bounds the drain with a timeout.
+        let never = CancellationToken::new();
+        // The claim pass is not due on the way out; a promotion created since
+        // the last refresh may have orders.
+        self.claimed_at = Some(Instant::now());
+        if let Err(e) = self.refresh_streams().await {
+            tracing::warn!(consumer = %self.consumer, error = %format!("{e:#}"), "order worker drain failed");
+            return;
+        }
+        loop {
+            match self.step(&never).await {
+                Ok(Outcome::Processed(_)) => {}
+                Ok(Outcome::Empty) => return,
+                Err(e) => {
+                    tracing::warn!(consumer = %self.consumer, error = %format!("{e:#}"), "order worker drain failed");
+                    return;
+                }
+            }
+        }
     }
 
     /// One turn of the loop: claim abandoned entries when due, else read new

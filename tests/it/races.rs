@@ -245,6 +245,7 @@ async fn a_worker_reading_several_backlogged_streams_persists_every_entry_it_rea
             claim_idle: Duration::from_secs(60),
             claim_every: Duration::from_secs(60),
             refresh_every: Duration::from_secs(60),
+            drain: Duration::from_secs(5),
         },
     )
     .await
@@ -614,4 +615,99 @@ async fn an_order_of_a_promotion_postgres_does_not_know_is_dead_lettered_not_ret
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(dead.contains("the promotion does not exist"), "{dead}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_shutdown_the_workers_persist_every_purchase_answered_while_http_drained() {
+    let redis = RedisProc::start(false).await;
+    let mut settings = test_settings();
+    settings.redis_url = redis.url();
+    settings.redis_timeout = Duration::from_secs(20);
+    settings.worker_block = Duration::from_millis(50);
+    let mut app = spawn_with_settings(Role::Serve, settings).await;
+    let id = app.active_promotion(1_000, 1).await;
+    app.buy(id, 1).await;
+    let mut admin = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+
+    // Purchases are held in Redis, in flight, when the stop comes.
+    let _: () = redis::cmd("CLIENT")
+        .arg(&["PAUSE", "20000", "WRITE"])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let buying: Vec<_> = (2..=41)
+        .map(|user| {
+            let (client, url) = (
+                app.client.clone(),
+                app.url(&format!("/api/promotions/{id}/purchase")),
+            );
+            tokio::spawn(async move {
+                client
+                    .post(url)
+                    .bearer_auth(crate::helpers::user_token(user))
+                    .json(&serde_json::json!({}))
+                    .send()
+                    .await
+                    .map(|r| r.status())
+            })
+        })
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let clients: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        if clients
+            .lines()
+            .any(|l| l.contains("flags=b") && l.contains("cmd=evalsha"))
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no purchase reached redis"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Stop: the gateway no longer accepts, and the held purchases complete.
+    let addr = app.addr;
+    let stopping = async {
+        app.stop().await;
+    };
+    let release = async {
+        while tokio::net::TcpStream::connect(addr).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _: () = redis::cmd("CLIENT")
+            .arg("UNPAUSE")
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+    };
+    tokio::join!(stopping, release);
+    let mut answered = 1;
+    for b in buying {
+        if let Ok(Ok(status)) = b.await
+            && status == StatusCode::OK
+        {
+            answered += 1;
+        }
+    }
+    assert!(answered > 1, "purchases were answered during the drain");
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM orders WHERE promotion_id = $1")
+        .bind(id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(
+        rows, answered,
+        "every 200 is in PostgreSQL when the process returns"
+    );
 }

@@ -19,6 +19,7 @@ fn config(batch: usize, claim_idle: Duration) -> WorkerConfig {
         claim_idle,
         claim_every: Duration::from_millis(100),
         refresh_every: Duration::from_millis(100),
+        drain: Duration::from_secs(5),
     }
 }
 
