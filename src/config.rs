@@ -176,6 +176,18 @@ const ENV_LOG_FORMAT: &str = "SECKILL_LOG_FORMAT";
 /// (unset: embedded), so ops can try a changed script without a rebuild.
 const ENV_LUA_DIR: &str = "SECKILL_LUA_DIR";
 
+/// The longest payment timeout accepted: PostgreSQL adds it to an order's
+/// creation time (`make_interval`), which must stay a valid timestamp; no
+/// shop needs more than this.
+const MAX_PAYMENT_TIMEOUT_SECS: u64 = 100 * 365 * 24 * 3600 + 25 * 24 * 3600;
+
+/// More tokio threads than this is a typo, not a machine.
+const MAX_THREADS: usize = 1024;
+
+/// Each worker holds a Redis connection and a PostgreSQL connection of the
+/// workers' pool: more than this is a typo.
+const MAX_WORKERS: usize = 1024;
+
 /// The largest request body accepted; promotion bodies are a few hundred bytes.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
@@ -430,7 +442,47 @@ impl Settings {
             ENV_WORKERS,
             "must be at least 1 (use `serve --no-workers` to run none)",
         );
+        r.check(
+            !self.payment_timeout.is_zero()
+                && self.payment_timeout.as_secs() <= MAX_PAYMENT_TIMEOUT_SECS,
+            ENV_PAYMENT_TIMEOUT_SECS,
+            &format!(
+                "must be between 1 and {MAX_PAYMENT_TIMEOUT_SECS} (100 years; PostgreSQL adds it \
+                 to an order's creation time as an interval)"
+            ),
+        );
+        r.check(
+            self.claim_idle > self.worker_block,
+            ENV_CLAIM_IDLE_MS,
+            &format!(
+                "must be longer than {ENV_WORKER_BLOCK_MS} ({} ms), or entries a healthy worker \
+                 holds would be claimed from it",
+                self.worker_block.as_millis()
+            ),
+        );
+        r.check(
+            self.threads <= MAX_THREADS,
+            ENV_THREADS,
+            &format!("must be at most {MAX_THREADS} (0 means one per core)"),
+        );
+        r.check(
+            self.workers <= MAX_WORKERS,
+            ENV_WORKERS,
+            &format!("must be at most {MAX_WORKERS}"),
+        );
         for (ok, name) in [
+            (!self.sweep_interval.is_zero(), ENV_SWEEP_INTERVAL_MS),
+            (
+                !self.reconcile_interval.is_zero(),
+                ENV_RECONCILE_INTERVAL_MS,
+            ),
+            (!self.worker_block.is_zero(), ENV_WORKER_BLOCK_MS),
+            (!self.claim_idle.is_zero(), ENV_CLAIM_IDLE_MS),
+            (!self.cache_ttl.is_zero(), ENV_CACHE_TTL_MS),
+            (!self.sold_out_ttl.is_zero(), ENV_SOLD_OUT_TTL_MS),
+            (!self.header_timeout.is_zero(), ENV_HEADER_TIMEOUT_MS),
+            (!self.body_timeout.is_zero(), ENV_BODY_TIMEOUT_MS),
+            (!self.shutdown_grace.is_zero(), ENV_SHUTDOWN_GRACE_MS),
             (self.worker_batch > 0, ENV_WORKER_BATCH),
             (self.max_connections > 0, ENV_MAX_CONNECTIONS),
             (self.token_cap_multiple > 0, ENV_TOKEN_CAP_MULTIPLE),
@@ -591,6 +643,84 @@ mod tests {
         for name in [ENV_REDIS_TIMEOUT_MS, ENV_PURCHASE_BATCH] {
             let err = Settings::from_lookup(|n| (n == name).then(|| "0".to_string())).unwrap_err();
             assert!(format!("{err:#}").contains(name), "{err:#}");
+        }
+    }
+
+    fn error_of(vars: &[(&str, &str)]) -> String {
+        let err = Settings::from_lookup(|n| {
+            vars.iter()
+                .find(|(name, _)| *name == n)
+                .map(|(_, v)| v.to_string())
+        })
+        .expect_err("the settings are refused");
+        format!("{err:#}")
+    }
+
+    #[test]
+    fn zero_durations_that_make_no_sense_are_refused_naming_each_variable() {
+        let names = [
+            ENV_PAYMENT_TIMEOUT_SECS,
+            ENV_SWEEP_INTERVAL_MS,
+            ENV_RECONCILE_INTERVAL_MS,
+            ENV_WORKER_BLOCK_MS,
+            ENV_CLAIM_IDLE_MS,
+            ENV_CACHE_TTL_MS,
+            ENV_SOLD_OUT_TTL_MS,
+            ENV_HEADER_TIMEOUT_MS,
+            ENV_BODY_TIMEOUT_MS,
+            ENV_SHUTDOWN_GRACE_MS,
+        ];
+        for name in names {
+            let text = error_of(&[(name, "0")]);
+            assert!(text.contains(name), "{name} not named in: {text}");
+        }
+        // All at once: one error naming every one of them.
+        let all: Vec<(&str, &str)> = names.iter().map(|n| (*n, "0")).collect();
+        let text = error_of(&all);
+        for name in names {
+            assert!(text.contains(name), "{name} missing from: {text}");
+        }
+    }
+
+    #[test]
+    fn a_payment_timeout_beyond_what_postgresql_can_add_is_refused() {
+        let ok = Settings::from_lookup(|n| {
+            (n == ENV_PAYMENT_TIMEOUT_SECS).then(|| MAX_PAYMENT_TIMEOUT_SECS.to_string())
+        })
+        .unwrap();
+        assert_eq!(ok.payment_timeout.as_secs(), MAX_PAYMENT_TIMEOUT_SECS);
+        for bad in [
+            (MAX_PAYMENT_TIMEOUT_SECS + 1).to_string(),
+            u64::MAX.to_string(),
+        ] {
+            let text = error_of(&[(ENV_PAYMENT_TIMEOUT_SECS, &bad)]);
+            assert!(text.contains(ENV_PAYMENT_TIMEOUT_SECS), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_claim_idle_not_above_the_worker_block_is_refused() {
+        let text = error_of(&[(ENV_WORKER_BLOCK_MS, "5000"), (ENV_CLAIM_IDLE_MS, "4000")]);
+        assert!(text.contains(ENV_CLAIM_IDLE_MS), "{text}");
+        assert!(!text.contains(&format!("{ENV_WORKER_BLOCK_MS}:")), "{text}");
+        let text = error_of(&[(ENV_WORKER_BLOCK_MS, "5000"), (ENV_CLAIM_IDLE_MS, "5000")]);
+        assert!(text.contains(ENV_CLAIM_IDLE_MS), "{text}");
+        let s = Settings::from_lookup(|n| match n {
+            ENV_WORKER_BLOCK_MS => Some("5000".into()),
+            ENV_CLAIM_IDLE_MS => Some("5001".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(s.claim_idle, Duration::from_millis(5001));
+    }
+
+    #[test]
+    fn thread_and_worker_counts_past_a_sane_bound_are_refused() {
+        for (name, max) in [(ENV_THREADS, MAX_THREADS), (ENV_WORKERS, MAX_WORKERS)] {
+            let text = error_of(&[(name, &(max + 1).to_string())]);
+            assert!(text.contains(name), "{text}");
+            let s = Settings::from_lookup(|n| (n == name).then(|| max.to_string()));
+            assert!(s.is_ok(), "{name}={max} is accepted");
         }
     }
 }
