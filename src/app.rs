@@ -100,7 +100,7 @@ impl App {
                 cache: cache.clone(),
             },
             purchases: Coalescer::new(store.clone(), settings.purchase_batch),
-            auth: Auth::new(&settings.jwt_secret, &settings.admin_token),
+            auth: Auth::from_settings(&settings),
             cache,
             inflight: Semaphore::new(settings.max_inflight),
             limits: Limits::new(

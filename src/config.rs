@@ -41,6 +41,19 @@ const ENV_ADMIN_TOKEN: &str = "SECKILL_ADMIN_TOKEN";
 /// A development value: start-up warns loudly while it is in use.
 pub const DEV_ADMIN_TOKEN: &str = "dev-only-admin-token-change-me";
 
+/// When set, a user JWT must carry this `iss` (unset: not checked), and
+/// `seckill token` writes it.
+const ENV_JWT_ISSUER: &str = "SECKILL_JWT_ISSUER";
+
+/// When set, a user JWT's `aud` must name this audience (unset: not
+/// checked), and `seckill token` writes it.
+const ENV_JWT_AUDIENCE: &str = "SECKILL_JWT_AUDIENCE";
+
+/// When set, a user JWT living longer than this many seconds (`exp - iat`,
+/// or `exp - now` without `iat`) is refused, so a leaked long-lived token
+/// cannot be replayed for months (unset: not checked).
+const ENV_JWT_MAX_LIFETIME_SECS: &str = "SECKILL_JWT_MAX_LIFETIME_SECS";
+
 /// Unpaid orders are cancelled after this long; fifteen minutes is the usual
 /// checkout window of shops.
 const ENV_PAYMENT_TIMEOUT_SECS: &str = "SECKILL_PAYMENT_TIMEOUT_SECS";
@@ -201,6 +214,9 @@ pub struct Settings {
     pub key_prefix: String,
     pub jwt_secret: String,
     pub admin_token: String,
+    pub jwt_issuer: Option<String>,
+    pub jwt_audience: Option<String>,
+    pub jwt_max_lifetime: Option<Duration>,
     pub payment_timeout: Duration,
     pub sweep_interval: Duration,
     pub reconcile_interval: Duration,
@@ -381,6 +397,20 @@ impl Settings {
                 .unwrap_or_else(|| derive_token_secret(&jwt_secret)),
             jwt_secret,
             admin_token: r.text(ENV_ADMIN_TOKEN, DEV_ADMIN_TOKEN),
+            jwt_issuer: r.optional(ENV_JWT_ISSUER),
+            jwt_audience: r.optional(ENV_JWT_AUDIENCE),
+            jwt_max_lifetime: r.optional(ENV_JWT_MAX_LIFETIME_SECS).and_then(|v| {
+                v.trim()
+                    .parse::<u64>()
+                    .map_err(|e| {
+                        r.error(
+                            ENV_JWT_MAX_LIFETIME_SECS,
+                            format!("invalid value `{v}`: {e}"),
+                        )
+                    })
+                    .ok()
+                    .map(Duration::from_secs)
+            }),
             payment_timeout: r.secs(ENV_PAYMENT_TIMEOUT_SECS, DEFAULT_PAYMENT_TIMEOUT_SECS),
             sweep_interval: r.millis(ENV_SWEEP_INTERVAL_MS, DEFAULT_SWEEP_INTERVAL_MS),
             reconcile_interval: r.millis(ENV_RECONCILE_INTERVAL_MS, DEFAULT_RECONCILE_INTERVAL_MS),
@@ -450,6 +480,11 @@ impl Settings {
                 "must be between 1 and {MAX_PAYMENT_TIMEOUT_SECS} (100 years; PostgreSQL adds it \
                  to an order's creation time as an interval)"
             ),
+        );
+        r.check(
+            self.jwt_max_lifetime.is_none_or(|d| !d.is_zero()),
+            ENV_JWT_MAX_LIFETIME_SECS,
+            "must be at least 1 (unset it to not check token lifetimes)",
         );
         r.check(
             self.claim_idle > self.worker_block,
@@ -721,6 +756,29 @@ mod tests {
             assert!(text.contains(name), "{text}");
             let s = Settings::from_lookup(|n| (n == name).then(|| max.to_string()));
             assert!(s.is_ok(), "{name}={max} is accepted");
+        }
+    }
+
+    #[test]
+    fn jwt_checks_are_unset_by_default_and_read_when_set() {
+        let d = Settings::from_lookup(|_| None).unwrap();
+        assert_eq!(
+            (d.jwt_issuer, d.jwt_audience, d.jwt_max_lifetime),
+            (None, None, None)
+        );
+        let s = Settings::from_lookup(|n| match n {
+            ENV_JWT_ISSUER => Some("https://id.example".into()),
+            ENV_JWT_AUDIENCE => Some("seckill".into()),
+            ENV_JWT_MAX_LIFETIME_SECS => Some("900".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(s.jwt_issuer.as_deref(), Some("https://id.example"));
+        assert_eq!(s.jwt_audience.as_deref(), Some("seckill"));
+        assert_eq!(s.jwt_max_lifetime, Some(Duration::from_secs(900)));
+        for bad in ["0", "soon", "-5"] {
+            let text = error_of(&[(ENV_JWT_MAX_LIFETIME_SECS, bad)]);
+            assert!(text.contains(ENV_JWT_MAX_LIFETIME_SECS), "{text}");
         }
     }
 }
