@@ -108,7 +108,8 @@ impl App {
                 settings.rate_user,
                 settings.rate_ip,
                 settings.trusted_proxies.clone(),
-            ),
+            )
+            .with_admin_failures(settings.rate_admin_failures),
             tokens: AdmissionTokens::new(&settings.token_secret),
             connections: Arc::new(Semaphore::new(settings.max_connections)),
             ops_only: role == Role::WorkersOnly,

@@ -85,6 +85,14 @@ const DEFAULT_RATE_USER: u32 = 5;
 const ENV_RATE_IP: &str = "SECKILL_RATE_IP";
 const DEFAULT_RATE_IP: u32 = 200;
 
+/// Failed admin authentications per minute per client IP, with a burst of
+/// the same size (0: no limit); once spent, every admin request from that
+/// address is `429` until the budget refills. The admin token is typed by
+/// people and scripts that get it right; sixty failures a minute is far past
+/// a mistyped token and far below a guessing attack.
+const ENV_RATE_ADMIN_FAILURES: &str = "SECKILL_RATE_ADMIN_FAILURES";
+const DEFAULT_RATE_ADMIN_FAILURES: u32 = 60;
+
 /// Peers whose `X-Forwarded-For` / `X-Real-IP` are believed: addresses or
 /// CIDR blocks, comma-separated. Loopback, where nginx usually runs.
 const ENV_TRUSTED_PROXIES: &str = "SECKILL_TRUSTED_PROXIES";
@@ -223,6 +231,7 @@ pub struct Settings {
     pub rate_global: u32,
     pub rate_user: u32,
     pub rate_ip: u32,
+    pub rate_admin_failures: u32,
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub max_connections: usize,
     pub token_ttl: Duration,
@@ -417,6 +426,7 @@ impl Settings {
             rate_global: r.parse(ENV_RATE_GLOBAL, DEFAULT_RATE_GLOBAL),
             rate_user: r.parse(ENV_RATE_USER, DEFAULT_RATE_USER),
             rate_ip: r.parse(ENV_RATE_IP, DEFAULT_RATE_IP),
+            rate_admin_failures: r.parse(ENV_RATE_ADMIN_FAILURES, DEFAULT_RATE_ADMIN_FAILURES),
             trusted_proxies,
             max_connections: r.parse(ENV_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS),
             token_ttl: r.secs(ENV_TOKEN_TTL_SECS, DEFAULT_TOKEN_TTL_SECS),
