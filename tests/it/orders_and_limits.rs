@@ -1,5 +1,6 @@
 //! Correctness under concurrent operations: failed admin authentications
-//! are limited per address.
+//! are limited per address, and the CLI mints tokens that pass the
+//! configured JWT checks.
 
 use std::time::{Duration, Instant};
 
@@ -8,7 +9,7 @@ use reqwest::header::RETRY_AFTER;
 use seckill::app::Role;
 use serde_json::Value;
 
-use crate::helpers::{ADMIN_TOKEN, TestApp, code, read, spawn_app_with};
+use crate::helpers::{ADMIN_TOKEN, JWT_SECRET, TestApp, code, read, spawn_app_with, user_token};
 
 /// A request's status, `Retry-After` (if any), body and how long it took.
 struct Answer {
@@ -114,5 +115,67 @@ async fn failed_admin_tokens_from_one_address_are_limited_and_then_even_the_righ
     }
     let admin = admin_from(&app, anonymous, Some(ADMIN_TOKEN)).await;
     assert_eq!(admin.status, StatusCode::OK, "{}", admin.body);
+    app.stop().await;
+}
+
+// --------------------------------------------------------------- JWT checks
+
+/// Runs `seckill ARGS…` with the JWT settings in its environment.
+async fn seckill_with_jwt_checks(args: &[&str]) -> (bool, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_seckill"))
+        .args(args)
+        .env("SECKILL_JWT_SECRET", JWT_SECRET)
+        .env("SECKILL_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("SECKILL_JWT_ISSUER", "https://id.example")
+        .env("SECKILL_JWT_AUDIENCE", "seckill")
+        .env("SECKILL_JWT_MAX_LIFETIME_SECS", "600")
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .expect("the seckill binary runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_command_mints_tokens_that_pass_the_configured_issuer_audience_and_lifetime() {
+    let mut app = spawn_app_with(Role::GatewayOnly, |s| {
+        s.jwt_issuer = Some("https://id.example".into());
+        s.jwt_audience = Some("seckill".into());
+        s.jwt_max_lifetime = Some(Duration::from_secs(600));
+    })
+    .await;
+    let orders = |token: String| {
+        let app = &app;
+        async move { send(app.client.get(app.url("/api/orders")).bearer_auth(token)).await }
+    };
+
+    let (ok, token, err) = seckill_with_jwt_checks(&["token", "--user", "7"]).await;
+    assert!(ok, "{err}");
+    let a = orders(token).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+
+    let (ok, csv, err) = seckill_with_jwt_checks(&["tokens", "--users", "2", "--first", "8"]).await;
+    assert!(ok, "{err}");
+    for line in csv.lines() {
+        let (_, token) = line.split_once(',').unwrap();
+        let a = orders(token.to_string()).await;
+        assert_eq!(a.status, StatusCode::OK, "{}", a.body);
+    }
+
+    // Past the maximum lifetime, the command refuses to mint.
+    let (ok, _, err) = seckill_with_jwt_checks(&["token", "--user", "7", "--ttl", "601"]).await;
+    assert!(!ok, "a --ttl past the maximum is refused");
+    assert!(err.contains("SECKILL_JWT_MAX_LIFETIME_SECS"), "{err}");
+
+    // A token without iss and aud, as another issuer would mint it, is a 401.
+    let a = orders(user_token(7)).await;
+    assert_eq!(
+        (a.status, code(&a.body)),
+        (StatusCode::UNAUTHORIZED, "unauthorized")
+    );
     app.stop().await;
 }
