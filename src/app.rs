@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -41,9 +42,18 @@ pub enum Role {
     WorkersOnly,
 }
 
+/// Connections of the background pool besides one per worker: the
+/// payment-timeout sweeper and the periodic reconcile, each one at a time.
+const BACKGROUND_CONNECTIONS: u32 = 2;
+
 /// A built application, ready to run.
 pub struct App {
     state: Arc<AppState>,
+    /// The pool of the order workers, the sweeper and the periodic
+    /// reconcile (`None` for the gateway alone). Apart from the handlers'
+    /// pool, so no storm of requests can take the connections the batch
+    /// inserts need.
+    background_db: Option<PgPool>,
     listener: Option<TcpListener>,
     role: Role,
 }
@@ -54,6 +64,18 @@ impl App {
     pub async fn build(settings: Settings, role: Role) -> anyhow::Result<App> {
         let db = db::connect(&settings.database_url, settings.db_max_connections).await?;
         db::migrate(&db).await?;
+        let background_db = match role {
+            Role::GatewayOnly => None,
+            Role::Serve | Role::WorkersOnly => {
+                // At most `MAX_WORKERS` (1024) workers: this fits a u32.
+                let size = settings.workers as u32 + BACKGROUND_CONNECTIONS;
+                Some(
+                    db::pool(&settings.database_url, size)
+                        .await
+                        .context("failed to open the workers' postgresql pool")?,
+                )
+            }
+        };
         if let Some(dir) = &settings.lua_dir {
             crate::stock::lua::use_dir(dir)?;
         }
@@ -120,6 +142,7 @@ impl App {
         });
         Ok(App {
             state,
+            background_db,
             listener,
             role,
         })
@@ -140,7 +163,7 @@ impl App {
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let token = CancellationToken::new();
         let mut workers = JoinSet::new();
-        if self.role != Role::GatewayOnly {
+        if let Some(background_db) = &self.background_db {
             let config = WorkerConfig::from_settings(&self.state.settings);
             let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
             for n in 0..self.state.settings.workers {
@@ -151,7 +174,7 @@ impl App {
                 );
                 let worker = Worker::connect(
                     &self.state.settings.redis_url,
-                    self.state.db.clone(),
+                    background_db.clone(),
                     self.state.store.keys().clone(),
                     consumer,
                     config.clone(),
@@ -159,7 +182,10 @@ impl App {
                 .await?;
                 workers.spawn(worker.run(token.clone()));
             }
-            let sweeper = self.state.lifecycle.clone();
+            let sweeper = Lifecycle {
+                db: background_db.clone(),
+                ..self.state.lifecycle.clone()
+            };
             workers.spawn(sweeper.run_sweeper(self.state.settings.sweep_interval, token.clone()));
             workers.spawn(crate::orders::worker::observe_streams(
                 self.state.store.clone(),
@@ -167,7 +193,7 @@ impl App {
                 token.clone(),
             ));
             workers.spawn(crate::recovery::run_periodic(
-                self.state.db.clone(),
+                background_db.clone(),
                 self.state.store.clone(),
                 self.state.settings.reconcile_interval,
                 token.clone(),

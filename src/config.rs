@@ -75,8 +75,9 @@ const ENV_RATE_GLOBAL: &str = "SECKILL_RATE_GLOBAL";
 const DEFAULT_RATE_GLOBAL: u32 = 50_000;
 
 /// Requests per second per user on the sale routes (purchase, token,
-/// captcha), with a burst of the same size (0: no limit). A person clicks a
-/// few times a second; a script does not get more.
+/// captcha) and the order routes (pay, cancel, the order list, the purchase
+/// result), one budget for all, with a burst of the same size (0: no limit).
+/// A person clicks a few times a second; a script does not get more.
 const ENV_RATE_USER: &str = "SECKILL_RATE_USER";
 const DEFAULT_RATE_USER: u32 = 5;
 
@@ -125,8 +126,10 @@ const DEFAULT_CAPTCHA_TTL_SECS: u64 = 120;
 const ENV_THREADS: &str = "SECKILL_THREADS";
 const DEFAULT_THREADS: usize = 0;
 
-/// PostgreSQL pool size: the workers write in batches, so a few connections
-/// carry the whole write load; the rest serve admin and order queries.
+/// The request handlers' PostgreSQL pool (admin and order queries, pay and
+/// cancel). The order workers, the sweeper and the periodic reconcile have a
+/// pool of their own (`SECKILL_WORKERS` + 2), so requests cannot take the
+/// connections the batch inserts need.
 const ENV_DB_MAX_CONNECTIONS: &str = "SECKILL_DB_MAX_CONNECTIONS";
 const DEFAULT_DB_MAX_CONNECTIONS: u32 = 10;
 

@@ -112,11 +112,13 @@ fn rejected(e: ApiError) -> ApiError {
 }
 
 /// `GET /api/promotions/{id}/result`: `none`, `pending` (bought, not yet in
-/// PostgreSQL) or `confirmed` (persisted).
+/// PostgreSQL) or `confirmed` (persisted). Counts against the per-user rate
+/// limit, as a page polling it would otherwise cost PostgreSQL without bound.
 pub async fn result(req: Request) -> Result<Response, ApiError> {
     let id = req.id()?;
     let user_id = req.user()?;
     let state = &req.state;
+    state.limits.check_user(user_id)?;
     let in_redis = state.store.latest_order(id, user_id).await?;
     let (status, order_id) = match in_redis {
         Some(order_id) if orders::exists(&state.db, &order_id).await? => {
