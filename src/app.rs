@@ -109,6 +109,8 @@ impl App {
             ),
             None => None,
         };
+        // Every metric the dashboards and alerts use is exported from now on.
+        crate::telemetry::register_metrics(&crate::http::known_metric_labels());
         let cache = PromotionCache::new(settings.cache_ttl, settings.sold_out_ttl);
         let state = Arc::new(AppState {
             lifecycle: Lifecycle {

@@ -2,7 +2,8 @@
 //! PostgreSQL does not have are answered at once, the order routes count
 //! against the per-user limit, the workers keep a PostgreSQL pool the
 //! requests cannot take, failed admin authentications are limited per
-//! address, and the CLI mints tokens that pass the configured JWT checks.
+//! address, the CLI mints tokens that pass the configured JWT checks, and a
+//! fresh process exports every metric the dashboard and alerts use.
 
 use std::time::{Duration, Instant};
 
@@ -14,8 +15,10 @@ use seckill::app::Role;
 use serde_json::Value;
 
 use crate::helpers::{
-    ADMIN_TOKEN, JWT_SECRET, TestApp, code, read, spawn_app, spawn_app_with, user_token,
+    ADMIN_TOKEN, JWT_SECRET, TestApp, code, read, spawn_app, spawn_app_with, test_settings,
+    user_token,
 };
+use crate::procs::GatewayProc;
 
 /// A request's status, `Retry-After` (if any), body and how long it took.
 struct Answer {
@@ -457,4 +460,84 @@ async fn the_token_command_mints_tokens_that_pass_the_configured_issuer_audience
         (StatusCode::UNAUTHORIZED, "unauthorized")
     );
     app.stop().await;
+}
+
+// ------------------------------------------------------------------ metrics
+
+/// The metric names a text uses, as series names of the exposition.
+fn metric_names_in(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("seckill_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .unwrap_or(tail.len());
+        out.push(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// What the dashboard and the alerts use: the Grafana dashboards, the
+/// Prometheus files, and the "What to alert on" list of the operations guide.
+fn names_the_dashboard_and_alerts_use() -> Vec<String> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut text = String::new();
+    for dir in ["deploy/grafana/dashboards", "deploy/prometheus"] {
+        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+            text.push_str(&std::fs::read_to_string(entry.unwrap().path()).unwrap());
+        }
+    }
+    let ops = std::fs::read_to_string(root.join("docs/operations.md")).unwrap();
+    let alerts = ops
+        .split_once("What to alert on:")
+        .expect("docs/operations.md lists what to alert on")
+        .1;
+    let alerts = alerts.split("\n## ").next().unwrap();
+    text.push_str(alerts);
+    metric_names_in(&text)
+}
+
+/// A fresh process (the recorder is process-wide, so the in-process
+/// gateways of other tests would hide a missing name): before any traffic,
+/// `/metrics` already has a series of every name the dashboard and alerts use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_gateway_exports_every_metric_the_dashboard_and_alerts_use() {
+    let settings = test_settings();
+    let gateway = GatewayProc::start(&settings, &[]).await;
+    let text = reqwest::get(format!("http://{}/metrics", gateway.addr))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let exported: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| l.split(['{', ' ']).next().unwrap())
+        .collect();
+    let wanted = names_the_dashboard_and_alerts_use();
+    assert!(wanted.len() >= 15, "{wanted:?}");
+    // A histogram is exported as its `_bucket`, `_sum` and `_count` series.
+    let is_exported = |name: &str| {
+        ["", "_bucket", "_sum", "_count"]
+            .iter()
+            .any(|suffix| exported.contains(&format!("{name}{suffix}").as_str()))
+    };
+    let missing: Vec<&String> = wanted.iter().filter(|name| !is_exported(name)).collect();
+    println!(
+        "a fresh gateway exports {} series; the dashboard and alerts use {} names; missing: {missing:?}",
+        exported.len(),
+        wanted.len()
+    );
+    assert!(missing.is_empty(), "missing from /metrics: {missing:?}");
+    // The dashboard's drift and 5xx queries have a value, 0, not "no data".
+    assert!(text.contains("\nseckill_reconcile_drift 0\n"), "{text}");
+    assert!(
+        text.contains(r#"seckill_http_requests_total{route="purchase",status="503"} 0"#),
+        "{text}"
+    );
 }

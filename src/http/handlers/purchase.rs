@@ -105,6 +105,19 @@ pub async fn purchase(req: Request) -> Result<Response, ApiError> {
     }
 }
 
+/// Every `outcome` label of `seckill_purchases_total`: `bought`,
+/// `overloaded`, and the codes [`rejected`] counts refusals under.
+pub const OUTCOMES: &[&str] = &[
+    "bought",
+    "sold_out",
+    "already_purchased",
+    "not_started",
+    "ended",
+    "invalid_token",
+    "rate_limited",
+    "overloaded",
+];
+
 /// Counts a refused purchase under its error code.
 fn rejected(e: ApiError) -> ApiError {
     metrics::counter!("seckill_purchases_total", "outcome" => e.code.as_str()).increment(1);
