@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -41,9 +42,18 @@ pub enum Role {
     WorkersOnly,
 }
 
+/// Connections of the background pool besides one per worker: the
+/// payment-timeout sweeper and the periodic reconcile, each one at a time.
+const BACKGROUND_CONNECTIONS: u32 = 2;
+
 /// A built application, ready to run.
 pub struct App {
     state: Arc<AppState>,
+    /// The pool of the order workers, the sweeper and the periodic
+    /// reconcile (`None` for the gateway alone). Apart from the handlers'
+    /// pool, so no storm of requests can take the connections the batch
+    /// inserts need.
+    background_db: Option<PgPool>,
     listener: Option<TcpListener>,
     role: Role,
 }
@@ -54,6 +64,18 @@ impl App {
     pub async fn build(settings: Settings, role: Role) -> anyhow::Result<App> {
         let db = db::connect(&settings.database_url, settings.db_max_connections).await?;
         db::migrate(&db).await?;
+        let background_db = match role {
+            Role::GatewayOnly => None,
+            Role::Serve | Role::WorkersOnly => {
+                // At most `MAX_WORKERS` (1024) workers: this fits a u32.
+                let size = settings.workers as u32 + BACKGROUND_CONNECTIONS;
+                Some(
+                    db::pool(&settings.database_url, size)
+                        .await
+                        .context("failed to open the workers' postgresql pool")?,
+                )
+            }
+        };
         if let Some(dir) = &settings.lua_dir {
             crate::stock::lua::use_dir(dir)?;
         }
@@ -87,6 +109,8 @@ impl App {
             ),
             None => None,
         };
+        // Every metric the dashboards and alerts use is exported from now on.
+        crate::telemetry::register_metrics(&crate::http::known_metric_labels());
         let cache = PromotionCache::new(settings.cache_ttl, settings.sold_out_ttl);
         let state = Arc::new(AppState {
             lifecycle: Lifecycle {
@@ -100,7 +124,7 @@ impl App {
                 cache: cache.clone(),
             },
             purchases: Coalescer::new(store.clone(), settings.purchase_batch),
-            auth: Auth::new(&settings.jwt_secret, &settings.admin_token),
+            auth: Auth::from_settings(&settings),
             cache,
             inflight: Semaphore::new(settings.max_inflight),
             limits: Limits::new(
@@ -108,7 +132,8 @@ impl App {
                 settings.rate_user,
                 settings.rate_ip,
                 settings.trusted_proxies.clone(),
-            ),
+            )
+            .with_admin_failures(settings.rate_admin_failures),
             tokens: AdmissionTokens::new(&settings.token_secret),
             connections: Arc::new(Semaphore::new(settings.max_connections)),
             ops_only: role == Role::WorkersOnly,
@@ -119,6 +144,7 @@ impl App {
         });
         Ok(App {
             state,
+            background_db,
             listener,
             role,
         })
@@ -139,7 +165,7 @@ impl App {
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let token = CancellationToken::new();
         let mut workers = JoinSet::new();
-        if self.role != Role::GatewayOnly {
+        if let Some(background_db) = &self.background_db {
             let config = WorkerConfig::from_settings(&self.state.settings);
             let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
             for n in 0..self.state.settings.workers {
@@ -150,7 +176,7 @@ impl App {
                 );
                 let worker = Worker::connect(
                     &self.state.settings.redis_url,
-                    self.state.db.clone(),
+                    background_db.clone(),
                     self.state.store.keys().clone(),
                     consumer,
                     config.clone(),
@@ -158,7 +184,10 @@ impl App {
                 .await?;
                 workers.spawn(worker.run(token.clone()));
             }
-            let sweeper = self.state.lifecycle.clone();
+            let sweeper = Lifecycle {
+                db: background_db.clone(),
+                ..self.state.lifecycle.clone()
+            };
             workers.spawn(sweeper.run_sweeper(self.state.settings.sweep_interval, token.clone()));
             workers.spawn(crate::orders::worker::observe_streams(
                 self.state.store.clone(),
@@ -166,7 +195,7 @@ impl App {
                 token.clone(),
             ));
             workers.spawn(crate::recovery::run_periodic(
-                self.state.db.clone(),
+                background_db.clone(),
                 self.state.store.clone(),
                 self.state.settings.reconcile_interval,
                 token.clone(),

@@ -41,6 +41,19 @@ const ENV_ADMIN_TOKEN: &str = "SECKILL_ADMIN_TOKEN";
 /// A development value: start-up warns loudly while it is in use.
 pub const DEV_ADMIN_TOKEN: &str = "dev-only-admin-token-change-me";
 
+/// When set, a user JWT must carry this `iss` (unset: not checked), and
+/// `seckill token` writes it.
+const ENV_JWT_ISSUER: &str = "SECKILL_JWT_ISSUER";
+
+/// When set, a user JWT's `aud` must name this audience (unset: not
+/// checked), and `seckill token` writes it.
+const ENV_JWT_AUDIENCE: &str = "SECKILL_JWT_AUDIENCE";
+
+/// When set, a user JWT living longer than this many seconds (`exp - iat`,
+/// or `exp - now` without `iat`) is refused, so a leaked long-lived token
+/// cannot be replayed for months (unset: not checked).
+const ENV_JWT_MAX_LIFETIME_SECS: &str = "SECKILL_JWT_MAX_LIFETIME_SECS";
+
 /// Unpaid orders are cancelled after this long; fifteen minutes is the usual
 /// checkout window of shops.
 const ENV_PAYMENT_TIMEOUT_SECS: &str = "SECKILL_PAYMENT_TIMEOUT_SECS";
@@ -62,8 +75,9 @@ const ENV_RATE_GLOBAL: &str = "SECKILL_RATE_GLOBAL";
 const DEFAULT_RATE_GLOBAL: u32 = 50_000;
 
 /// Requests per second per user on the sale routes (purchase, token,
-/// captcha), with a burst of the same size (0: no limit). A person clicks a
-/// few times a second; a script does not get more.
+/// captcha) and the order routes (pay, cancel, the order list, the purchase
+/// result), one budget for all, with a burst of the same size (0: no limit).
+/// A person clicks a few times a second; a script does not get more.
 const ENV_RATE_USER: &str = "SECKILL_RATE_USER";
 const DEFAULT_RATE_USER: u32 = 5;
 
@@ -71,6 +85,14 @@ const DEFAULT_RATE_USER: u32 = 5;
 /// because many buyers can share one address behind a carrier NAT.
 const ENV_RATE_IP: &str = "SECKILL_RATE_IP";
 const DEFAULT_RATE_IP: u32 = 200;
+
+/// Failed admin authentications per minute per client IP, with a burst of
+/// the same size (0: no limit); once spent, every admin request from that
+/// address is `429` until the budget refills. The admin token is typed by
+/// people and scripts that get it right; sixty failures a minute is far past
+/// a mistyped token and far below a guessing attack.
+const ENV_RATE_ADMIN_FAILURES: &str = "SECKILL_RATE_ADMIN_FAILURES";
+const DEFAULT_RATE_ADMIN_FAILURES: u32 = 60;
 
 /// Peers whose `X-Forwarded-For` / `X-Real-IP` are believed: addresses or
 /// CIDR blocks, comma-separated. Loopback, where nginx usually runs.
@@ -104,8 +126,10 @@ const DEFAULT_CAPTCHA_TTL_SECS: u64 = 120;
 const ENV_THREADS: &str = "SECKILL_THREADS";
 const DEFAULT_THREADS: usize = 0;
 
-/// PostgreSQL pool size: the workers write in batches, so a few connections
-/// carry the whole write load; the rest serve admin and order queries.
+/// The request handlers' PostgreSQL pool (admin and order queries, pay and
+/// cancel). The order workers, the sweeper and the periodic reconcile have a
+/// pool of their own (`SECKILL_WORKERS` + 2), so requests cannot take the
+/// connections the batch inserts need.
 const ENV_DB_MAX_CONNECTIONS: &str = "SECKILL_DB_MAX_CONNECTIONS";
 const DEFAULT_DB_MAX_CONNECTIONS: u32 = 10;
 
@@ -176,6 +200,18 @@ const ENV_LOG_FORMAT: &str = "SECKILL_LOG_FORMAT";
 /// (unset: embedded), so ops can try a changed script without a rebuild.
 const ENV_LUA_DIR: &str = "SECKILL_LUA_DIR";
 
+/// The longest payment timeout accepted: PostgreSQL adds it to an order's
+/// creation time (`make_interval`), which must stay a valid timestamp; no
+/// shop needs more than this.
+const MAX_PAYMENT_TIMEOUT_SECS: u64 = 100 * 365 * 24 * 3600 + 25 * 24 * 3600;
+
+/// More tokio threads than this is a typo, not a machine.
+const MAX_THREADS: usize = 1024;
+
+/// Each worker holds a Redis connection and a PostgreSQL connection of the
+/// workers' pool: more than this is a typo.
+const MAX_WORKERS: usize = 1024;
+
 /// The largest request body accepted; promotion bodies are a few hundred bytes.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
@@ -189,12 +225,16 @@ pub struct Settings {
     pub key_prefix: String,
     pub jwt_secret: String,
     pub admin_token: String,
+    pub jwt_issuer: Option<String>,
+    pub jwt_audience: Option<String>,
+    pub jwt_max_lifetime: Option<Duration>,
     pub payment_timeout: Duration,
     pub sweep_interval: Duration,
     pub reconcile_interval: Duration,
     pub rate_global: u32,
     pub rate_user: u32,
     pub rate_ip: u32,
+    pub rate_admin_failures: u32,
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub max_connections: usize,
     pub token_ttl: Duration,
@@ -369,12 +409,27 @@ impl Settings {
                 .unwrap_or_else(|| derive_token_secret(&jwt_secret)),
             jwt_secret,
             admin_token: r.text(ENV_ADMIN_TOKEN, DEV_ADMIN_TOKEN),
+            jwt_issuer: r.optional(ENV_JWT_ISSUER),
+            jwt_audience: r.optional(ENV_JWT_AUDIENCE),
+            jwt_max_lifetime: r.optional(ENV_JWT_MAX_LIFETIME_SECS).and_then(|v| {
+                v.trim()
+                    .parse::<u64>()
+                    .map_err(|e| {
+                        r.error(
+                            ENV_JWT_MAX_LIFETIME_SECS,
+                            format!("invalid value `{v}`: {e}"),
+                        )
+                    })
+                    .ok()
+                    .map(Duration::from_secs)
+            }),
             payment_timeout: r.secs(ENV_PAYMENT_TIMEOUT_SECS, DEFAULT_PAYMENT_TIMEOUT_SECS),
             sweep_interval: r.millis(ENV_SWEEP_INTERVAL_MS, DEFAULT_SWEEP_INTERVAL_MS),
             reconcile_interval: r.millis(ENV_RECONCILE_INTERVAL_MS, DEFAULT_RECONCILE_INTERVAL_MS),
             rate_global: r.parse(ENV_RATE_GLOBAL, DEFAULT_RATE_GLOBAL),
             rate_user: r.parse(ENV_RATE_USER, DEFAULT_RATE_USER),
             rate_ip: r.parse(ENV_RATE_IP, DEFAULT_RATE_IP),
+            rate_admin_failures: r.parse(ENV_RATE_ADMIN_FAILURES, DEFAULT_RATE_ADMIN_FAILURES),
             trusted_proxies,
             max_connections: r.parse(ENV_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS),
             token_ttl: r.secs(ENV_TOKEN_TTL_SECS, DEFAULT_TOKEN_TTL_SECS),
@@ -430,7 +485,52 @@ impl Settings {
             ENV_WORKERS,
             "must be at least 1 (use `serve --no-workers` to run none)",
         );
+        r.check(
+            !self.payment_timeout.is_zero()
+                && self.payment_timeout.as_secs() <= MAX_PAYMENT_TIMEOUT_SECS,
+            ENV_PAYMENT_TIMEOUT_SECS,
+            &format!(
+                "must be between 1 and {MAX_PAYMENT_TIMEOUT_SECS} (100 years; PostgreSQL adds it \
+                 to an order's creation time as an interval)"
+            ),
+        );
+        r.check(
+            self.jwt_max_lifetime.is_none_or(|d| !d.is_zero()),
+            ENV_JWT_MAX_LIFETIME_SECS,
+            "must be at least 1 (unset it to not check token lifetimes)",
+        );
+        r.check(
+            self.claim_idle > self.worker_block,
+            ENV_CLAIM_IDLE_MS,
+            &format!(
+                "must be longer than {ENV_WORKER_BLOCK_MS} ({} ms), or entries a healthy worker \
+                 holds would be claimed from it",
+                self.worker_block.as_millis()
+            ),
+        );
+        r.check(
+            self.threads <= MAX_THREADS,
+            ENV_THREADS,
+            &format!("must be at most {MAX_THREADS} (0 means one per core)"),
+        );
+        r.check(
+            self.workers <= MAX_WORKERS,
+            ENV_WORKERS,
+            &format!("must be at most {MAX_WORKERS}"),
+        );
         for (ok, name) in [
+            (!self.sweep_interval.is_zero(), ENV_SWEEP_INTERVAL_MS),
+            (
+                !self.reconcile_interval.is_zero(),
+                ENV_RECONCILE_INTERVAL_MS,
+            ),
+            (!self.worker_block.is_zero(), ENV_WORKER_BLOCK_MS),
+            (!self.claim_idle.is_zero(), ENV_CLAIM_IDLE_MS),
+            (!self.cache_ttl.is_zero(), ENV_CACHE_TTL_MS),
+            (!self.sold_out_ttl.is_zero(), ENV_SOLD_OUT_TTL_MS),
+            (!self.header_timeout.is_zero(), ENV_HEADER_TIMEOUT_MS),
+            (!self.body_timeout.is_zero(), ENV_BODY_TIMEOUT_MS),
+            (!self.shutdown_grace.is_zero(), ENV_SHUTDOWN_GRACE_MS),
             (self.worker_batch > 0, ENV_WORKER_BATCH),
             (self.max_connections > 0, ENV_MAX_CONNECTIONS),
             (self.token_cap_multiple > 0, ENV_TOKEN_CAP_MULTIPLE),
@@ -591,6 +691,107 @@ mod tests {
         for name in [ENV_REDIS_TIMEOUT_MS, ENV_PURCHASE_BATCH] {
             let err = Settings::from_lookup(|n| (n == name).then(|| "0".to_string())).unwrap_err();
             assert!(format!("{err:#}").contains(name), "{err:#}");
+        }
+    }
+
+    fn error_of(vars: &[(&str, &str)]) -> String {
+        let err = Settings::from_lookup(|n| {
+            vars.iter()
+                .find(|(name, _)| *name == n)
+                .map(|(_, v)| v.to_string())
+        })
+        .expect_err("the settings are refused");
+        format!("{err:#}")
+    }
+
+    #[test]
+    fn zero_durations_that_make_no_sense_are_refused_naming_each_variable() {
+        let names = [
+            ENV_PAYMENT_TIMEOUT_SECS,
+            ENV_SWEEP_INTERVAL_MS,
+            ENV_RECONCILE_INTERVAL_MS,
+            ENV_WORKER_BLOCK_MS,
+            ENV_CLAIM_IDLE_MS,
+            ENV_CACHE_TTL_MS,
+            ENV_SOLD_OUT_TTL_MS,
+            ENV_HEADER_TIMEOUT_MS,
+            ENV_BODY_TIMEOUT_MS,
+            ENV_SHUTDOWN_GRACE_MS,
+        ];
+        for name in names {
+            let text = error_of(&[(name, "0")]);
+            assert!(text.contains(name), "{name} not named in: {text}");
+        }
+        // All at once: one error naming every one of them.
+        let all: Vec<(&str, &str)> = names.iter().map(|n| (*n, "0")).collect();
+        let text = error_of(&all);
+        for name in names {
+            assert!(text.contains(name), "{name} missing from: {text}");
+        }
+    }
+
+    #[test]
+    fn a_payment_timeout_beyond_what_postgresql_can_add_is_refused() {
+        let ok = Settings::from_lookup(|n| {
+            (n == ENV_PAYMENT_TIMEOUT_SECS).then(|| MAX_PAYMENT_TIMEOUT_SECS.to_string())
+        })
+        .unwrap();
+        assert_eq!(ok.payment_timeout.as_secs(), MAX_PAYMENT_TIMEOUT_SECS);
+        for bad in [
+            (MAX_PAYMENT_TIMEOUT_SECS + 1).to_string(),
+            u64::MAX.to_string(),
+        ] {
+            let text = error_of(&[(ENV_PAYMENT_TIMEOUT_SECS, &bad)]);
+            assert!(text.contains(ENV_PAYMENT_TIMEOUT_SECS), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_claim_idle_not_above_the_worker_block_is_refused() {
+        let text = error_of(&[(ENV_WORKER_BLOCK_MS, "5000"), (ENV_CLAIM_IDLE_MS, "4000")]);
+        assert!(text.contains(ENV_CLAIM_IDLE_MS), "{text}");
+        assert!(!text.contains(&format!("{ENV_WORKER_BLOCK_MS}:")), "{text}");
+        let text = error_of(&[(ENV_WORKER_BLOCK_MS, "5000"), (ENV_CLAIM_IDLE_MS, "5000")]);
+        assert!(text.contains(ENV_CLAIM_IDLE_MS), "{text}");
+        let s = Settings::from_lookup(|n| match n {
+            ENV_WORKER_BLOCK_MS => Some("5000".into()),
+            ENV_CLAIM_IDLE_MS => Some("5001".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(s.claim_idle, Duration::from_millis(5001));
+    }
+
+    #[test]
+    fn thread_and_worker_counts_past_a_sane_bound_are_refused() {
+        for (name, max) in [(ENV_THREADS, MAX_THREADS), (ENV_WORKERS, MAX_WORKERS)] {
+            let text = error_of(&[(name, &(max + 1).to_string())]);
+            assert!(text.contains(name), "{text}");
+            let s = Settings::from_lookup(|n| (n == name).then(|| max.to_string()));
+            assert!(s.is_ok(), "{name}={max} is accepted");
+        }
+    }
+
+    #[test]
+    fn jwt_checks_are_unset_by_default_and_read_when_set() {
+        let d = Settings::from_lookup(|_| None).unwrap();
+        assert_eq!(
+            (d.jwt_issuer, d.jwt_audience, d.jwt_max_lifetime),
+            (None, None, None)
+        );
+        let s = Settings::from_lookup(|n| match n {
+            ENV_JWT_ISSUER => Some("https://id.example".into()),
+            ENV_JWT_AUDIENCE => Some("seckill".into()),
+            ENV_JWT_MAX_LIFETIME_SECS => Some("900".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(s.jwt_issuer.as_deref(), Some("https://id.example"));
+        assert_eq!(s.jwt_audience.as_deref(), Some("seckill"));
+        assert_eq!(s.jwt_max_lifetime, Some(Duration::from_secs(900)));
+        for bad in ["0", "soon", "-5"] {
+            let text = error_of(&[(ENV_JWT_MAX_LIFETIME_SECS, bad)]);
+            assert!(text.contains(ENV_JWT_MAX_LIFETIME_SECS), "{text}");
         }
     }
 }

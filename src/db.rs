@@ -23,6 +23,11 @@ pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> 
             .context("failed to create the database")?;
         tracing::info!("created the database");
     }
+    pool(url, max_connections).await
+}
+
+/// A pool of at most `max_connections` on the existing database `url`.
+pub async fn pool(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(ACQUIRE_TIMEOUT)

@@ -1,14 +1,17 @@
 //! Rate limits (governor): a global ceiling on purchases that protects
-//! Redis, one per user (from the JWT) and one per client IP.
+//! Redis, one per user (from the JWT) and one per client IP; and a budget of
+//! failed admin authentications per client IP.
 //!
 //! The client IP is the TCP peer, unless the peer is a trusted proxy (nginx):
 //! then it is taken from `X-Forwarded-For` (the right-most address that is not
 //! itself a trusted proxy) or `X-Real-IP`. A limiter's verdict is always
 //! acted on: a refusal is a [`RateLimited`] the caller turns into `429`.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
@@ -18,7 +21,7 @@ use ipnet::IpNet;
 /// A request refused by a rate limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateLimited {
-    /// Which limit: `global`, `user` or `ip`.
+    /// Which limit: `global`, `user`, `ip` or `admin`.
     pub limit: &'static str,
     /// Whole seconds until a retry can pass (at least 1).
     pub retry_after_secs: u64,
@@ -33,8 +36,69 @@ pub struct Limits {
     per_user: Option<DefaultKeyedRateLimiter<i64>>,
     /// Requests per second per client IP on `/api`. Pruned like `per_user`.
     per_ip: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    /// Failed admin authentications per client IP. While an address's
+    /// budget is spent, every admin request from it is refused, the right
+    /// token included: a guess that passed would otherwise stand out among
+    /// the refusals. Pruned like `per_user`.
+    admin_failures: Option<FailureBudget>,
     trusted_proxies: Vec<IpNet>,
     clock: DefaultClock,
+}
+
+/// A GCRA budget of failures per key: `burst` failures at once, then one per
+/// `interval`. Unlike governor's limiters it can be asked whether a key is
+/// blocked without spending anything, because a success must not cost.
+struct FailureBudget {
+    interval: Duration,
+    /// `interval` × the burst: how far ahead of now the theoretical arrival
+    /// time may run.
+    window: Duration,
+    /// The theoretical arrival time of each key's next failure.
+    tat: Mutex<HashMap<IpAddr, Instant>>,
+}
+
+impl FailureBudget {
+    /// `per_minute` failures a minute, with a burst of the same size.
+    fn per_minute(per_minute: u32) -> Option<Self> {
+        let n = NonZeroU32::new(per_minute)?;
+        let window = Duration::from_secs(60);
+        Some(FailureBudget {
+            interval: window / n.get(),
+            window,
+            tat: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Instant>> {
+        self.tat
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// How long `key` stays blocked, if its budget is spent.
+    fn blocked(&self, key: IpAddr, now: Instant) -> Option<Duration> {
+        let tat = *self.entries().get(&key)?;
+        let ahead = tat.max(now) + self.interval - now;
+        ahead.checked_sub(self.window).filter(|d| !d.is_zero())
+    }
+
+    /// Spends one failure of `key`'s budget.
+    fn record(&self, key: IpAddr, now: Instant) {
+        let mut entries = self.entries();
+        let tat = entries.entry(key).or_insert(now);
+        *tat = (*tat).max(now) + self.interval;
+    }
+
+    /// Forgets keys whose budget is whole again.
+    fn prune(&self, now: Instant) {
+        let mut entries = self.entries();
+        entries.retain(|_, tat| *tat > now);
+        entries.shrink_to_fit();
+    }
+
+    fn len(&self) -> usize {
+        self.entries().len()
+    }
 }
 
 /// A quota of `per_second` with a burst of the same size.
@@ -48,9 +112,17 @@ impl Limits {
             global: quota(global).map(RateLimiter::direct),
             per_user: quota(per_user).map(RateLimiter::keyed),
             per_ip: quota(per_ip).map(RateLimiter::keyed),
+            admin_failures: None,
             trusted_proxies,
             clock: DefaultClock::default(),
         }
+    }
+
+    /// Limits failed admin authentications to `per_minute` per client IP,
+    /// with a burst of the same size (0: no limit).
+    pub fn with_admin_failures(mut self, per_minute: u32) -> Self {
+        self.admin_failures = FailureBudget::per_minute(per_minute);
+        self
     }
 
     fn refused(&self, limit: &'static str, wait: Duration) -> RateLimited {
@@ -86,6 +158,25 @@ impl Limits {
                 .check_key(&ip)
                 .map_err(|n| self.refused("ip", n.wait_time_from(self.clock.now()))),
             None => Ok(()),
+        }
+    }
+
+    /// Refuses every admin request from `ip` while its budget of failed
+    /// admin authentications is spent.
+    pub fn check_admin(&self, ip: IpAddr) -> Result<(), RateLimited> {
+        match &self.admin_failures {
+            Some(budget) => match budget.blocked(canonical(ip), Instant::now()) {
+                Some(wait) => Err(self.refused("admin", wait)),
+                None => Ok(()),
+            },
+            None => Ok(()),
+        }
+    }
+
+    /// Counts a failed admin authentication from `ip`.
+    pub fn admin_failed(&self, ip: IpAddr) {
+        if let Some(budget) = &self.admin_failures {
+            budget.record(canonical(ip), Instant::now());
         }
     }
 
@@ -132,6 +223,14 @@ impl Limits {
             l.retain_recent();
             l.shrink_to_fit();
         }
+        if let Some(b) = &self.admin_failures {
+            b.prune(Instant::now());
+        }
+    }
+
+    /// Addresses held by the admin-failure budget.
+    pub fn tracked_admin_failures(&self) -> usize {
+        self.admin_failures.as_ref().map_or(0, FailureBudget::len)
     }
 
     /// Keys held by the per-user and per-IP limiters.
@@ -220,5 +319,51 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         limits.prune();
         assert_eq!(limits.tracked_keys().0, 0);
+    }
+
+    #[test]
+    fn admin_failures_block_the_address_once_the_burst_is_spent_and_successes_cost_nothing() {
+        let budget = FailureBudget::per_minute(3).unwrap();
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let t0 = Instant::now();
+        // Asking costs nothing.
+        for _ in 0..10 {
+            assert_eq!(budget.blocked(a, t0), None);
+        }
+        for _ in 0..3 {
+            assert_eq!(budget.blocked(a, t0), None);
+            budget.record(a, t0);
+        }
+        // The budget is spent: blocked until one failure's worth (20 s) is back.
+        let wait = budget.blocked(a, t0).expect("blocked after 3 failures");
+        assert_eq!(wait, Duration::from_secs(20));
+        assert_eq!(budget.blocked(b, t0), None, "another address is not");
+        assert!(budget.blocked(a, t0 + Duration::from_secs(19)).is_some());
+        assert_eq!(budget.blocked(a, t0 + Duration::from_secs(20)), None);
+        // Pruning keeps it while it still counts, forgets it once whole.
+        budget.prune(t0 + Duration::from_secs(59));
+        assert_eq!(budget.len(), 1);
+        budget.prune(t0 + Duration::from_secs(60));
+        assert_eq!(budget.len(), 0);
+    }
+
+    #[test]
+    fn a_blocked_address_is_refused_as_admin_with_a_retry_after() {
+        let limits = Limits::new(0, 0, 0, vec![]).with_admin_failures(2);
+        let ip: IpAddr = "198.51.100.9".parse().unwrap();
+        // IPv4-mapped IPv6 is the same address.
+        let mapped: IpAddr = "::ffff:198.51.100.9".parse().unwrap();
+        limits.admin_failed(ip);
+        assert!(limits.check_admin(ip).is_ok());
+        limits.admin_failed(mapped);
+        let refused = limits.check_admin(ip).unwrap_err();
+        assert_eq!(refused.limit, "admin");
+        assert!(refused.retry_after_secs >= 1);
+        let off = Limits::new(0, 0, 0, vec![]);
+        for _ in 0..100 {
+            off.admin_failed(ip);
+        }
+        assert!(off.check_admin(ip).is_ok());
     }
 }

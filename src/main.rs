@@ -35,9 +35,10 @@ enum Command {
     Token {
         #[arg(long)]
         user: i64,
-        /// Lifetime in seconds.
-        #[arg(long, default_value_t = 3600)]
-        ttl: u64,
+        /// Lifetime in seconds [default: 3600, or SECKILL_JWT_MAX_LIFETIME_SECS
+        /// when that is shorter].
+        #[arg(long)]
+        ttl: Option<u64>,
     },
     /// Print `user_id,token` lines for many users (CSV for load tests).
     Tokens {
@@ -47,9 +48,10 @@ enum Command {
         /// The first user id.
         #[arg(long, default_value_t = 1)]
         first: i64,
-        /// Lifetime in seconds.
-        #[arg(long, default_value_t = 3600)]
-        ttl: u64,
+        /// Lifetime in seconds [default: 3600, or SECKILL_JWT_MAX_LIFETIME_SECS
+        /// when that is shorter].
+        #[arg(long)]
+        ttl: Option<u64>,
         /// Print a `user_id,token` header line first.
         #[arg(long)]
         header: bool,
@@ -129,7 +131,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             if !settings.insecure_secrets().is_empty() {
                 eprintln!("warning: signing with the development SECKILL_JWT_SECRET");
             }
-            let token = Auth::new(&settings.jwt_secret, &settings.admin_token).mint(user, ttl)?;
+            let auth = Auth::from_settings(&settings);
+            let token = auth.mint(user, token_ttl(&auth, ttl))?;
             println!("{token}");
         }
         Command::Tokens {
@@ -139,7 +142,8 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
             header,
         } => {
             anyhow::ensure!(first > 0, "--first must be a positive integer");
-            let auth = Auth::new(&settings.jwt_secret, &settings.admin_token);
+            let auth = Auth::from_settings(&settings);
+            let ttl = token_ttl(&auth, ttl);
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             if header {
                 writeln!(out, "user_id,token")?;
@@ -199,6 +203,19 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Lifetime of a token minted by `token` and `tokens` without `--ttl`.
+const DEFAULT_TOKEN_TTL_SECS: u64 = 3600;
+
+/// `--ttl`, else an hour, or the configured maximum lifetime when shorter.
+fn token_ttl(auth: &Auth, ttl: Option<u64>) -> u64 {
+    ttl.unwrap_or_else(|| {
+        auth.max_lifetime_secs()
+            .map_or(DEFAULT_TOKEN_TTL_SECS, |max| {
+                max.min(DEFAULT_TOKEN_TTL_SECS)
+            })
+    })
 }
 
 /// Reply timeout of the ops commands' Redis connection: they read whole

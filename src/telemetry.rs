@@ -1,4 +1,7 @@
-//! Logging (tracing) and metrics (Prometheus) set-up.
+//! Logging (tracing) and metrics (Prometheus) set-up, and the list of every
+//! metric: each is described and exported from start-up, at zero for the
+//! label values known before any traffic, so dashboards and alerts see a
+//! value, not "no data", on a fresh process.
 
 use std::sync::OnceLock;
 
@@ -47,4 +50,214 @@ pub fn metrics_handle() -> PrometheusHandle {
                 .expect("no other metrics recorder is installed")
         })
         .clone()
+}
+
+/// Label values known before any traffic, given by the layers that own them.
+#[derive(Debug, Clone, Copy)]
+pub struct KnownLabels<'a> {
+    /// Every `route` label of the request metrics.
+    pub routes: &'a [&'static str],
+    /// Every `outcome` label of `seckill_purchases_total`.
+    pub purchase_outcomes: &'a [&'static str],
+}
+
+/// Every counter, with its help text.
+const COUNTERS: &[(&str, &str)] = &[
+    (
+        "seckill_http_requests_total",
+        "HTTP requests answered, by route and status",
+    ),
+    ("seckill_purchases_total", "Purchase requests, by outcome"),
+    (
+        "seckill_cache_requests_total",
+        "Local cache look-ups, by cache and result",
+    ),
+    (
+        "seckill_rate_limited_total",
+        "Requests refused 429 by a rate limit, by limit",
+    ),
+    ("seckill_tokens_issued_total", "Admission tokens signed"),
+    (
+        "seckill_orders_persisted_total",
+        "Order rows inserted by the workers",
+    ),
+    (
+        "seckill_orders_acknowledged_total",
+        "Stream entries acknowledged by the workers",
+    ),
+    (
+        "seckill_orders_claimed_total",
+        "Stream entries claimed from a consumer presumed dead",
+    ),
+    (
+        "seckill_orders_expired_total",
+        "Orders cancelled by the payment timeout",
+    ),
+    (
+        "seckill_units_returned_total",
+        "Units given back to sale by restock.lua",
+    ),
+];
+
+/// Every histogram, with its help text.
+const HISTOGRAMS: &[(&str, &str)] = &[
+    (
+        "seckill_http_request_seconds",
+        "Time to answer a request, by route",
+    ),
+    (
+        "seckill_lua_seconds",
+        "Time of one purchase script call (many buyers per call)",
+    ),
+    (
+        "seckill_worker_batch_size",
+        "Orders per batch written by a worker",
+    ),
+    (
+        "seckill_db_write_seconds",
+        "Time of one batch insert into PostgreSQL",
+    ),
+];
+
+/// Gauges labelled by promotion; before any promotion they have one
+/// unlabelled series at 0.
+const GAUGES: &[(&str, &str)] = &[
+    (
+        "seckill_stream_length",
+        "Order messages in a promotion's stream",
+    ),
+    (
+        "seckill_stream_pending",
+        "Stream entries delivered to a worker, not yet acknowledged",
+    ),
+    (
+        "seckill_reconcile_drift",
+        "Units Redis and PostgreSQL disagree on, by promotion",
+    ),
+];
+
+/// The `limit` labels of `seckill_rate_limited_total`.
+const RATE_LIMITS: &[&str] = &["global", "user", "ip", "admin"];
+
+/// The statuses every route starts with a zero series of: its success and
+/// the two 5xx the alerts watch.
+const ROUTE_STATUSES: &[&str] = &["200", "500", "503"];
+
+/// Every metric name this program records (dashboards and alerts may use
+/// only these).
+pub fn metric_names() -> impl Iterator<Item = &'static str> {
+    COUNTERS
+        .iter()
+        .chain(HISTOGRAMS)
+        .chain(GAUGES)
+        .map(|(name, _)| *name)
+}
+
+/// Describes every metric and exports a zero series for each label set
+/// known before any traffic. Idempotent: a process running several gateways
+/// (the tests) calls it once per gateway.
+pub fn register_metrics(known: &KnownLabels) {
+    // The recorder must exist before anything is registered with it.
+    let _ = metrics_handle();
+    for (name, help) in COUNTERS {
+        metrics::describe_counter!(*name, *help);
+    }
+    for (name, help) in HISTOGRAMS {
+        let unit = if name.ends_with("_seconds") {
+            metrics::Unit::Seconds
+        } else {
+            metrics::Unit::Count
+        };
+        metrics::describe_histogram!(*name, unit, *help);
+    }
+    for (name, help) in GAUGES {
+        metrics::describe_gauge!(*name, *help);
+        metrics::gauge!(*name).set(0.0);
+    }
+    for route in known.routes {
+        for status in ROUTE_STATUSES {
+            metrics::counter!("seckill_http_requests_total", "route" => *route, "status" => *status)
+                .increment(0);
+        }
+        // Registering is enough: a histogram with no sample is rendered
+        // with zero buckets, sum and count.
+        let _ = metrics::histogram!("seckill_http_request_seconds", "route" => *route);
+    }
+    for outcome in known.purchase_outcomes {
+        metrics::counter!("seckill_purchases_total", "outcome" => *outcome).increment(0);
+    }
+    for cache in ["meta", "sold_out"] {
+        for result in ["hit", "miss"] {
+            metrics::counter!("seckill_cache_requests_total", "cache" => cache, "result" => result)
+                .increment(0);
+        }
+    }
+    for limit in RATE_LIMITS {
+        metrics::counter!("seckill_rate_limited_total", "limit" => *limit).increment(0);
+    }
+    for name in [
+        "seckill_tokens_issued_total",
+        "seckill_orders_persisted_total",
+        "seckill_orders_acknowledged_total",
+        "seckill_orders_claimed_total",
+        "seckill_orders_expired_total",
+        "seckill_units_returned_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    let _ = metrics::histogram!("seckill_lua_seconds", "script" => "purchase");
+    let _ = metrics::histogram!("seckill_worker_batch_size");
+    let _ = metrics::histogram!("seckill_db_write_seconds");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The metric names a text uses (`_bucket`, `_sum` and `_count` of a
+    /// histogram stand for the histogram).
+    fn names_in(text: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut rest = text;
+        while let Some(at) = rest.find("seckill_") {
+            let tail = &rest[at..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+                .unwrap_or(tail.len());
+            let name = &tail[..end];
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .filter(|b| HISTOGRAMS.iter().any(|(h, _)| h == b))
+                .unwrap_or(name);
+            out.push(base.to_string());
+            rest = &tail[end..];
+        }
+        out
+    }
+
+    #[test]
+    fn every_metric_the_dashboard_and_prometheus_files_use_is_one_the_program_records() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+        let mut files = Vec::new();
+        for dir in ["grafana/dashboards", "prometheus"] {
+            for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+                files.push(entry.unwrap().path());
+            }
+        }
+        let known: Vec<&str> = metric_names().collect();
+        let mut used = 0;
+        for file in files {
+            let text = std::fs::read_to_string(&file).unwrap();
+            for name in names_in(&text) {
+                used += 1;
+                assert!(
+                    known.contains(&name.as_str()),
+                    "{} uses {name}, which the program does not record",
+                    file.display()
+                );
+            }
+        }
+        assert!(used > 10, "the dashboard uses the metrics");
+    }
 }

@@ -18,6 +18,14 @@ use hyper::header::{CONTENT_TYPE, HeaderValue};
 pub use error::{ApiError, Code};
 pub use state::AppState;
 
+/// The label values of the HTTP metrics known before any traffic.
+pub fn known_metric_labels() -> crate::telemetry::KnownLabels<'static> {
+    crate::telemetry::KnownLabels {
+        routes: &router::ROUTE_LABELS,
+        purchase_outcomes: handlers::purchase::OUTCOMES,
+    }
+}
+
 /// Every response the gateway sends.
 pub type Response = hyper::Response<Full<Bytes>>;
 

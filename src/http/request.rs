@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 
 use super::state::AppState;
 use super::{ApiError, Response};
+use crate::auth::AuthError;
 use crate::config::MAX_BODY_BYTES;
 
 /// A routed request.
@@ -46,9 +47,21 @@ impl Request {
         Ok(user)
     }
 
-    /// Passes only with the admin token, else `401 unauthorized`.
+    /// Passes only with the admin token, else `401 unauthorized`. A wrong
+    /// token counts against the client address's budget of failed admin
+    /// authentications; while that is spent, the answer is `429
+    /// rate_limited` before the token is looked at, right or wrong.
     pub fn admin(&self) -> Result<(), ApiError> {
-        Ok(self.state.auth.admin(self.authorization())?)
+        let limits = &self.state.limits;
+        let ip = limits.client_ip(self.peer, &self.parts.headers);
+        limits.check_admin(ip)?;
+        self.state.auth.admin(self.authorization()).map_err(|e| {
+            // No token at all is not a guess; a wrong one is.
+            if e == AuthError::Invalid {
+                limits.admin_failed(ip);
+            }
+            e.into()
+        })
     }
 
     fn authorization(&self) -> Option<&[u8]> {

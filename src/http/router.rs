@@ -38,8 +38,26 @@ pub enum Route {
 }
 
 impl Route {
+    /// Every route.
+    pub const ALL: [Route; 14] = [
+        Route::Health,
+        Route::Ready,
+        Route::Metrics,
+        Route::AdminPromotions,
+        Route::AdminPromotion,
+        Route::Promotions,
+        Route::Promotion,
+        Route::Purchase,
+        Route::PurchaseResult,
+        Route::Orders,
+        Route::OrderPay,
+        Route::OrderCancel,
+        Route::Token,
+        Route::Captcha,
+    ];
+
     /// A short label for metrics and logs.
-    pub fn label(self) -> &'static str {
+    pub const fn label(self) -> &'static str {
         match self {
             Route::Health => "health",
             Route::Ready => "ready",
@@ -67,6 +85,20 @@ impl Route {
         }
     }
 }
+
+/// The `route` label of a request no route matched.
+const UNKNOWN: &str = "unknown";
+
+/// Every `route` label of the request metrics.
+pub const ROUTE_LABELS: [&str; Route::ALL.len() + 1] = {
+    let mut out = [UNKNOWN; Route::ALL.len() + 1];
+    let mut i = 0;
+    while i < Route::ALL.len() {
+        out[i] = Route::ALL[i].label();
+        i += 1;
+    }
+    out
+};
 
 static ROUTES: LazyLock<matchit::Router<Route>> = LazyLock::new(|| {
     let mut r = matchit::Router::new();
@@ -115,7 +147,7 @@ pub async fn handle(
         "request",
         id = %request_id,
         method = %parts.method,
-        route = route.map_or("unknown", Route::label),
+        route = route.map_or(UNKNOWN, Route::label),
         promotion,
         order,
         user = tracing::field::Empty,
@@ -149,10 +181,10 @@ async fn dispatch(
     started: Instant,
 ) -> Response {
     let Some(route) = route else {
-        return finish("unknown", started, Err(ApiError::not_found()));
+        return finish(UNKNOWN, started, Err(ApiError::not_found()));
     };
     if state.ops_only && !matches!(route, Route::Health | Route::Ready | Route::Metrics) {
-        return finish("unknown", started, Err(ApiError::not_found()));
+        return finish(UNKNOWN, started, Err(ApiError::not_found()));
     }
     let method = parts.method.clone();
     if parts.uri.path().starts_with("/api/") {

@@ -21,6 +21,9 @@ pub struct AppState {
     /// Redis, on one multiplexed connection (cheap clones share one socket
     /// and reconnect by themselves) with a short reply timeout.
     pub store: Store,
+    /// The handlers' PostgreSQL pool (`SECKILL_DB_MAX_CONNECTIONS`). The
+    /// order workers, the sweeper and the periodic reconcile have a pool of
+    /// their own, so requests can only ever wait on this one.
     pub db: PgPool,
     pub auth: Auth,
     pub cache: PromotionCache,

@@ -18,13 +18,6 @@ use super::repo::{self, Order, OrderStatus};
 use crate::stock::{Restock, Store};
 use crate::{checkpoint, pace};
 
-/// How long pay and cancel wait for an order that is still on its way from
-/// the stream to PostgreSQL (normally milliseconds).
-const PERSIST_WAIT: Duration = Duration::from_secs(2);
-
-/// How often pay and cancel look again for an order on its way.
-const PERSIST_POLL: Duration = Duration::from_millis(50);
-
 /// The pause point between a cancel's commit and its restock (see
 /// `checkpoint`).
 pub const AFTER_CANCEL_COMMIT: &str = "lifecycle.after_cancel_commit";
@@ -73,26 +66,28 @@ impl Lifecycle {
         self.transition(user_id, order_id, Action::Cancel).await
     }
 
+    /// One look in PostgreSQL; when the row is not there, Redis says whether
+    /// the order is on its way (the buyer's latest purchase of a live
+    /// promotion: `NotPersisted`, to be retried) or not this user's at all
+    /// (`NotFound`). Never a wait: a crowd paying right after buying, or one
+    /// user sending made-up ids, costs one statement each, not a polling loop
+    /// on the pool.
     async fn transition(
         &self,
         user_id: i64,
         order_id: &str,
         action: Action,
     ) -> anyhow::Result<Transition> {
-        let deadline = tokio::time::Instant::now() + PERSIST_WAIT;
-        loop {
-            if let Some(t) = self.try_transition(user_id, order_id, &action).await? {
-                return Ok(t);
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return Ok(if self.is_unpersisted_purchase(user_id, order_id).await? {
-                    Transition::NotPersisted
-                } else {
-                    Transition::NotFound
-                });
-            }
-            tokio::time::sleep(PERSIST_POLL).await;
+        if let Some(t) = self.try_transition(user_id, order_id, &action).await? {
+            return Ok(t);
         }
+        // The row may land between the two looks: the buyer is told to retry,
+        // and the retry finds it.
+        Ok(if self.is_unpersisted_purchase(user_id, order_id).await? {
+            Transition::NotPersisted
+        } else {
+            Transition::NotFound
+        })
     }
 
     /// One attempt under the row lock; `None` when the row is not there (yet).

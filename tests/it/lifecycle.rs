@@ -20,6 +20,8 @@ async fn a_cancelled_unit_is_sold_to_the_next_buyer_and_the_canceller_cannot_reb
     let (status, body) = app.purchase(id, 2).await;
     assert_eq!((status, code(&body)), (StatusCode::GONE, "sold_out"));
 
+    // Cancel answers `409 order_pending` at once until the row is written.
+    app.wait_for_rows(id, 1, Duration::from_secs(20)).await;
     let (status, body) = app.order_action(&order_a, "cancel", 1).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["status"], "cancelled");

@@ -14,6 +14,7 @@ mod input;
 mod lifecycle;
 mod nginx;
 mod ops;
+mod orders_and_limits;
 mod protection;
 mod purchase;
 mod races;

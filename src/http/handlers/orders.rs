@@ -1,6 +1,7 @@
 //! `GET /api/orders` (the caller's persisted orders, newest first) and the
 //! buyer's side of the lifecycle: `POST /api/orders/{order_id}/pay` and
-//! `/cancel`.
+//! `/cancel`. Each counts against the caller's per-user rate limit, checked
+//! right after the JWT and before PostgreSQL is asked anything.
 
 use hyper::StatusCode;
 
@@ -14,6 +15,7 @@ const MAX_LISTED: i64 = 200;
 
 pub async fn list(req: Request) -> Result<Response, ApiError> {
     let user_id = req.user()?;
+    req.state.limits.check_user(user_id)?;
     let orders = repo::list_for_user(&req.state.db, user_id, MAX_LISTED).await?;
     Ok(json(StatusCode::OK, &serde_json::json!({"orders": orders})))
 }
@@ -36,6 +38,7 @@ fn order_id(req: &Request) -> Result<String, ApiError> {
 /// `POST /api/orders/{order_id}/pay`
 pub async fn pay(req: Request) -> Result<Response, ApiError> {
     let user_id = req.user()?;
+    req.state.limits.check_user(user_id)?;
     let order_id = order_id(&req)?;
     match req.state.lifecycle.pay(user_id, &order_id).await? {
         Transition::Done(order) => Ok(json(StatusCode::OK, &serde_json::json!(order))),
@@ -46,6 +49,7 @@ pub async fn pay(req: Request) -> Result<Response, ApiError> {
 /// `POST /api/orders/{order_id}/cancel`
 pub async fn cancel(req: Request) -> Result<Response, ApiError> {
     let user_id = req.user()?;
+    req.state.limits.check_user(user_id)?;
     let order_id = order_id(&req)?;
     match req.state.lifecycle.cancel(user_id, &order_id).await? {
         Transition::Done(order) => Ok(json(StatusCode::OK, &serde_json::json!(order))),

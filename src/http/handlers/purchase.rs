@@ -105,6 +105,19 @@ pub async fn purchase(req: Request) -> Result<Response, ApiError> {
     }
 }
 
+/// Every `outcome` label of `seckill_purchases_total`: `bought`,
+/// `overloaded`, and the codes [`rejected`] counts refusals under.
+pub const OUTCOMES: &[&str] = &[
+    "bought",
+    "sold_out",
+    "already_purchased",
+    "not_started",
+    "ended",
+    "invalid_token",
+    "rate_limited",
+    "overloaded",
+];
+
 /// Counts a refused purchase under its error code.
 fn rejected(e: ApiError) -> ApiError {
     metrics::counter!("seckill_purchases_total", "outcome" => e.code.as_str()).increment(1);
@@ -112,11 +125,13 @@ fn rejected(e: ApiError) -> ApiError {
 }
 
 /// `GET /api/promotions/{id}/result`: `none`, `pending` (bought, not yet in
-/// PostgreSQL) or `confirmed` (persisted).
+/// PostgreSQL) or `confirmed` (persisted). Counts against the per-user rate
+/// limit, as a page polling it would otherwise cost PostgreSQL without bound.
 pub async fn result(req: Request) -> Result<Response, ApiError> {
     let id = req.id()?;
     let user_id = req.user()?;
     let state = &req.state;
+    state.limits.check_user(user_id)?;
     let in_redis = state.store.latest_order(id, user_id).await?;
     let (status, order_id) = match in_redis {
         Some(order_id) if orders::exists(&state.db, &order_id).await? => {
