@@ -12,7 +12,7 @@ KEYS[2]  {P:p:ID}:stock    string  units left on sale
 KEYS[3]  {P:p:ID}:buyers   hash  user id -> units bought
 KEYS[4]  {P:p:ID}:orders   stream  one entry per unit taken, read by the workers
 KEYS[5]  {P:p:ID}:results  hash  user id -> order id of the buyer's latest purchase
-KEYS[6]  {P:p:ID}:won      set   ids of the orders accepted so far
+KEYS[6]  {P:p:ID}:won      hash  order id -> user id, for every order accepted so far
 
 ARGV[1]          n, the number of buyers in this call (>= 1)
 ARGV[2k], [2k+1] for k = 1..n: the buyer's user id and the order id to use if
@@ -41,7 +41,8 @@ Invariants (each has a test):
   - stock + sold - returned = initial stock, always;
   - time is Redis's own clock, the one every gateway shares;
   - an order id is accepted at most once: a call replayed after a lost reply
-    answers "bought" for the orders it already took and takes nothing twice.
+    answers "bought" for the orders it already took and takes nothing twice
+    (the `won` hash also tells pay and cancel whose order is on its way).
 ]]
 
 local n = tonumber(ARGV[1])
@@ -75,7 +76,7 @@ local stock = tonumber(redis.call('GET', KEYS[2]) or '0')
 for i = 1, n do
   local user_id = ARGV[2 * i]
   local order_id = ARGV[2 * i + 1]
-  if redis.call('SISMEMBER', KEYS[6], order_id) == 1 then
+  if redis.call('HEXISTS', KEYS[6], order_id) == 1 then
     out[i] = 1
   elseif closed ~= 0 then
     out[i] = closed
@@ -90,7 +91,7 @@ for i = 1, n do
       local seq = redis.call('HINCRBY', KEYS[3], user_id, 1)
       redis.call('HINCRBY', KEYS[1], 'sold', 1)
       redis.call('HSET', KEYS[5], user_id, order_id)
-      redis.call('SADD', KEYS[6], order_id)
+      redis.call('HSET', KEYS[6], order_id, user_id)
       redis.call('XADD', KEYS[4], '*',
         'order_id', order_id,
         'promotion_id', promotion_id,

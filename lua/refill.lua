@@ -14,13 +14,13 @@ KEYS[2]  {P:p:ID}:recovering  string  the recovery lock's token
 KEYS[3]  {P:p:ID}:buyers      hash  user id -> units bought
 KEYS[4]  {P:p:ID}:results     hash  user id -> order id of the latest purchase
 KEYS[5]  {P:p:ID}:returned    set   ids of the orders whose unit came back
-KEYS[6]  {P:p:ID}:won         set   ids of the orders the purchase script accepted
+KEYS[6]  {P:p:ID}:won         hash  order id -> user id, every order accepted
 
 ARGV[1]  the caller's lock token
 ARGV[2]  the lock's TTL in milliseconds (extended on every call)
 ARGV[3]  what this chunk holds: `buyers`, `returned` or `won`
 ARGV[4..] for `buyers`: triples user id, units bought, latest order id;
-          for `returned` and `won`: order ids
+          for `returned`: order ids; for `won`: pairs order id, user id
 
 Returns (named in Rust as `stock::lua::codes::refill`):
   1  written
@@ -49,8 +49,8 @@ elseif kind == 'returned' then
     redis.call('SADD', KEYS[5], unpack(ARGV, i, math.min(i + 999, #ARGV)))
   end
 elseif kind == 'won' then
-  for i = 4, #ARGV, 1000 do
-    redis.call('SADD', KEYS[6], unpack(ARGV, i, math.min(i + 999, #ARGV)))
+  for i = 4, #ARGV, 2 do
+    redis.call('HSET', KEYS[6], ARGV[i], ARGV[i + 1])
   end
 else
   return redis.error_reply('refill.lua: unknown chunk kind ' .. tostring(kind))

@@ -107,7 +107,8 @@ async fn recover_one(db: &PgPool, store: &Store, p: &Promotion) -> anyhow::Resul
     let stored = orders::of_promotion(db, p.id).await?;
     checkpoint::point(store.keys().prefix(), AFTER_READ).await;
 
-    let mut seen: HashSet<String> = HashSet::new();
+    // order id → user id of every order counted
+    let mut seen: HashMap<String, i64> = HashMap::new();
     // user → (units bought, latest order id and its seq)
     let mut buyers: HashMap<i64, (i64, i64, String)> = HashMap::new();
     let mut returned_ids = Vec::new();
@@ -120,14 +121,14 @@ async fn recover_one(db: &PgPool, store: &Store, p: &Promotion) -> anyhow::Resul
         }
     };
     for o in &stored {
-        seen.insert(o.order_id.clone());
+        seen.insert(o.order_id.clone(), o.user_id);
         count(o.user_id, o.seq, &o.order_id);
         if o.status == OrderStatus::Cancelled {
             returned_ids.push(o.order_id.clone());
         }
     }
     for m in &in_stream {
-        if seen.insert(m.order_id.clone()) {
+        if seen.insert(m.order_id.clone(), m.user_id).is_none() {
             count(m.user_id, m.seq, &m.order_id);
         }
     }
@@ -138,7 +139,7 @@ async fn recover_one(db: &PgPool, store: &Store, p: &Promotion) -> anyhow::Resul
         .iter()
         .map(|(user, (n, _, latest))| (*user, *n, latest.as_str()))
         .collect();
-    let won: Vec<String> = seen.into_iter().collect();
+    let won: Vec<(String, i64)> = seen.into_iter().collect();
     let written = store
         .refill_all(p.id, &token, LOCK_TTL, &buyer_list, &returned_ids, &won)
         .await?;

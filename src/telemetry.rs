@@ -94,6 +94,10 @@ const COUNTERS: &[(&str, &str)] = &[
         "Orders cancelled by the payment timeout",
     ),
     (
+        "seckill_orders_refused_total",
+        "Orders PostgreSQL refused for good, moved to the dead-letter stream",
+    ),
+    (
         "seckill_units_returned_total",
         "Units given back to sale by restock.lua",
     ),
@@ -201,6 +205,7 @@ pub fn register_metrics(known: &KnownLabels) {
         "seckill_orders_acknowledged_total",
         "seckill_orders_claimed_total",
         "seckill_orders_expired_total",
+        "seckill_orders_refused_total",
         "seckill_units_returned_total",
     ] {
         metrics::counter!(name).increment(0);

@@ -138,11 +138,11 @@ impl Lifecycle {
         Ok(Some(outcome))
     }
 
-    /// Whether `order_id` is `user_id`'s latest purchase of a live promotion,
-    /// still on its way to PostgreSQL.
+    /// Whether `order_id` is one of `user_id`'s purchases of a live
+    /// promotion (Redis accepted it), still on its way to PostgreSQL.
     async fn is_unpersisted_purchase(&self, user_id: i64, order_id: &str) -> anyhow::Result<bool> {
         self.store
-            .is_latest_order_of(user_id, order_id)
+            .is_accepted_order_of(user_id, order_id)
             .await
             .context("failed to look up the buyer's latest orders")
     }

@@ -26,8 +26,9 @@ pub struct PromotionKeys {
     pub returned: String,
     /// Hash: user id → 1 for each buyer admitted with a token.
     pub tokens: String,
-    /// Set: ids of the orders the purchase script accepted, so a replayed
-    /// call (a lost reply, a client's resend) takes nothing twice.
+    /// Hash: order id → user id of every order the purchase script
+    /// accepted, so a replayed call (a lost reply, a client's resend) takes
+    /// nothing twice, and pay and cancel know an order on its way.
     pub won: String,
     /// String: the token of the recovery rebuilding this promotion, with a
     /// TTL; recovery's writes are refused unless it still holds it.

@@ -380,7 +380,7 @@ impl Store {
         ttl: Duration,
         buyers: &[(i64, i64, &str)],
         returned: &[String],
-        won: &[String],
+        won: &[(String, i64)],
     ) -> anyhow::Result<bool> {
         for chunk in buyers.chunks(CHUNK) {
             let items = chunk
@@ -394,15 +394,25 @@ impl Store {
                 return Ok(false);
             }
         }
-        for (kind, ids) in [("returned", returned), ("won", won)] {
-            for chunk in ids.chunks(CHUNK) {
-                let written = self
-                    .refill(id, token, ttl, kind, chunk.iter().cloned())
-                    .await
-                    .with_context(|| format!("failed to restore the {kind} orders"))?;
-                if !written {
-                    return Ok(false);
-                }
+        for chunk in returned.chunks(CHUNK) {
+            let written = self
+                .refill(id, token, ttl, "returned", chunk.iter().cloned())
+                .await
+                .context("failed to restore the returned orders")?;
+            if !written {
+                return Ok(false);
+            }
+        }
+        for chunk in won.chunks(CHUNK) {
+            let items = chunk
+                .iter()
+                .flat_map(|(order, user)| [order.clone(), user.to_string()]);
+            let written = self
+                .refill(id, token, ttl, "won", items)
+                .await
+                .context("failed to restore the accepted orders")?;
+            if !written {
+                return Ok(false);
             }
         }
         Ok(true)
@@ -567,7 +577,7 @@ impl Store {
                 .hget(&k.meta, "sold")
                 .hget(&k.meta, "returned")
                 .smembers(&k.returned)
-                .smembers(&k.won)
+                .hkeys(&k.won)
                 .hvals(&k.buyers)
                 .query_async(&mut conn)
                 .await
@@ -580,7 +590,7 @@ impl Store {
                 .hget(&k.meta, "sold")
                 .hget(&k.meta, "returned")
                 .smembers(&k.returned)
-                .smembers(&k.won)
+                .hkeys(&k.won)
                 .query_async(&mut conn)
                 .await
                 .map(|(a, b, c, d, e)| ((a, b, c), (d, e)))?;
@@ -646,19 +656,19 @@ impl Store {
             .await
     }
 
-    /// Whether `order_id` is `user_id`'s latest purchase in one of the live
-    /// promotions.
-    pub async fn is_latest_order_of(&self, user_id: i64, order_id: &str) -> RedisResult<bool> {
+    /// Whether `order_id` was accepted for `user_id` in one of the live
+    /// promotions (any of the buyer's orders, not only the latest).
+    pub async fn is_accepted_order_of(&self, user_id: i64, order_id: &str) -> RedisResult<bool> {
         let live = self.live_promotions().await?;
         if live.is_empty() {
             return Ok(false);
         }
         let mut pipe = redis::pipe();
         for id in &live {
-            pipe.hget(self.keys.promotion(*id).results, user_id);
+            pipe.hget(self.keys.promotion(*id).won, order_id);
         }
-        let latest: Vec<Option<String>> = pipe.query_async(&mut self.conn()).await?;
-        Ok(latest.iter().flatten().any(|o| o == order_id))
+        let owners: Vec<Option<i64>> = pipe.query_async(&mut self.conn()).await?;
+        Ok(owners.contains(&Some(user_id)))
     }
 
     /// Stores a captcha challenge's `value` for `ttl`.

@@ -711,3 +711,21 @@ async fn on_shutdown_the_workers_persist_every_purchase_answered_while_http_drai
         "every 200 is in PostgreSQL when the process returns"
     );
 }
+
+#[tokio::test]
+async fn cancelling_an_older_order_still_on_its_way_is_order_pending_not_404() {
+    // No workers: both orders stay in the stream.
+    let app = spawn_app_with(Role::GatewayOnly, |_| {}).await;
+    let id = app.active_promotion(10, 2).await;
+    let older = app.buy(id, 4).await;
+    let _latest = app.buy(id, 4).await;
+    let (status, body) = app.order_action(&older, "cancel", 4).await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::CONFLICT, "order_pending"),
+        "{body}"
+    );
+    // Another buyer learns nothing about it.
+    let (status, _) = app.order_action(&older, "cancel", 5).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
