@@ -729,3 +729,37 @@ async fn cancelling_an_older_order_still_on_its_way_is_order_pending_not_404() {
     let (status, _) = app.order_action(&older, "cancel", 5).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn a_promotion_redis_lost_but_postgres_knows_is_503_with_retry_after_not_404() {
+    let app = spawn_app_with(Role::GatewayOnly, |_| {}).await;
+    let id = app.active_promotion(10, 1).await;
+    // Redis loses it before this gateway ever cached its meta.
+    lose_promotion(&app, id).await;
+    let res = app
+        .client
+        .post(app.url(&format!("/api/promotions/{id}/purchase")))
+        .bearer_auth(crate::helpers::user_token(1))
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(res.headers().contains_key("retry-after"));
+    // A promotion nobody created is still 404.
+    let (status, body) = app.purchase(id + 100, 1).await;
+    assert_eq!((status, code(&body)), (StatusCode::NOT_FOUND, "not_found"));
+    // Once recovery rebuilt it, it sells.
+    recovery::recover(&app.db, &store(&app), Some(id))
+        .await
+        .unwrap();
+    let mut sold = false;
+    for _ in 0..100 {
+        if app.purchase(id, 1).await.0 == StatusCode::OK {
+            sold = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(sold);
+}

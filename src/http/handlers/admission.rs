@@ -34,11 +34,7 @@ pub async fn token(req: Request) -> Result<Response, ApiError> {
     let state = req.state.clone();
     state.limits.check_user(user_id)?;
     let body: TokenBody = req.json().await?;
-    let meta = state
-        .cache
-        .meta(&state.store, id)
-        .await?
-        .ok_or_else(ApiError::not_found)?;
+    let meta = super::sale_meta(&state, id).await?;
     if !meta.require_token {
         return Err(ApiError::invalid_request(
             "this promotion does not use admission tokens",
@@ -87,11 +83,7 @@ pub async fn captcha(req: Request) -> Result<Response, ApiError> {
     let user_id = req.user()?;
     let state = req.state.clone();
     state.limits.check_user(user_id)?;
-    let meta = state
-        .cache
-        .meta(&state.store, id)
-        .await?
-        .ok_or_else(ApiError::not_found)?;
+    let meta = super::sale_meta(&state, id).await?;
     if !meta.require_captcha {
         return Err(ApiError::invalid_request(
             "this promotion does not use a captcha",

@@ -37,11 +37,7 @@ pub async fn purchase(req: Request) -> Result<Response, ApiError> {
         return Err(ApiError::unavailable("too many purchases in flight"));
     };
 
-    let meta = state
-        .cache
-        .meta(&state.store, id)
-        .await?
-        .ok_or_else(ApiError::not_found)?;
+    let meta = super::sale_meta(&state, id).await?;
     let now_ms = Utc::now().timestamp_millis();
     if now_ms < meta.starts_ms {
         return Err(rejected(ApiError::not_started()));
