@@ -324,11 +324,15 @@ impl Worker {
 }
 
 /// Publishes each live promotion's stream length and pending count as
-/// gauges, every `every` until `shutdown`.
+/// gauges every `every`, and prunes the live set and the idle consumers
+/// (see [`prune_once`]), until `shutdown`.
 pub async fn observe_streams(store: Store, every: Duration, shutdown: CancellationToken) {
     while pace::sleep(every, &shutdown).await {
         if let Err(e) = observe_once(&store).await {
             tracing::debug!(error = %format!("{e:#}"), "stream gauges not updated");
+        }
+        if let Err(e) = prune_once(&store, chrono::Utc::now(), CONSUMER_IDLE).await {
+            tracing::debug!(error = %format!("{e:#}"), "live set not pruned");
         }
     }
 }
@@ -341,4 +345,49 @@ async fn observe_once(store: &Store) -> anyhow::Result<()> {
         metrics::gauge!("seckill_stream_pending", "promotion" => label).set(pending as f64);
     }
     Ok(())
+}
+
+/// A consumer idle this long with nothing pending is gone (every process
+/// names its consumers afresh at start-up).
+const CONSUMER_IDLE: Duration = Duration::from_secs(600);
+
+/// How long after a promotion's end its stream is still read, whatever the
+/// clocks' disagreement.
+const ENDED_MARGIN: chrono::Duration = chrono::Duration::minutes(1);
+
+/// One pruning pass at `now`: removes from the live set every promotion that
+/// ended (with a margin) and whose stream is empty with nothing pending, or
+/// whose state Redis no longer has (recovery adds it back when it rebuilds
+/// it); removes the consumers idle at least `idle` with nothing pending.
+/// Returns the promotions removed.
+pub async fn prune_once(
+    store: &Store,
+    now: chrono::DateTime<chrono::Utc>,
+    idle: Duration,
+) -> anyhow::Result<Vec<i64>> {
+    let mut removed = Vec::new();
+    for id in store.live_promotions().await? {
+        let (len, pending) = store.stream_depth(id).await?;
+        let over = match store.meta(id).await? {
+            Some(meta) => meta.ends_ms < (now - ENDED_MARGIN).timestamp_millis(),
+            None => true,
+        };
+        if over && len == 0 && pending == 0 {
+            store.remove_live(id).await?;
+            removed.push(id);
+            continue;
+        }
+        let gone = store.prune_consumers(id, idle).await?;
+        if gone > 0 {
+            tracing::info!(
+                promotion = id,
+                consumers = gone,
+                "removed idle stream consumers"
+            );
+        }
+    }
+    if !removed.is_empty() {
+        tracing::info!(promotions = ?removed, "ended promotions' drained streams are no longer read");
+    }
+    Ok(removed)
 }

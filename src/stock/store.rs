@@ -19,8 +19,8 @@ use anyhow::Context;
 use futures_util::{Stream, StreamExt};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{
-    StreamAutoClaimOptions, StreamAutoClaimReply, StreamPendingReply, StreamRangeReply,
-    StreamReadOptions, StreamReadReply,
+    StreamAutoClaimOptions, StreamAutoClaimReply, StreamInfoConsumersReply, StreamPendingReply,
+    StreamRangeReply, StreamReadOptions, StreamReadReply,
 };
 use redis::{
     AsyncCommands, ErrorKind, ExistenceCheck, RedisError, RedisResult, SetExpiry, SetOptions,
@@ -714,6 +714,35 @@ impl Store {
         Ok(())
     }
 
+    /// Removes a promotion from the live set (its stream is no longer read).
+    pub async fn remove_live(&self, id: i64) -> RedisResult<()> {
+        let _: usize = self.conn().srem(self.keys.live_promotions(), id).await?;
+        Ok(())
+    }
+
+    /// Removes the consumers of promotion `id`'s stream that hold no entry
+    /// and have been idle at least `idle`; returns how many.
+    pub async fn prune_consumers(&self, id: i64, idle: Duration) -> RedisResult<usize> {
+        let stream = self.keys.promotion(id).orders;
+        let group = self.keys.consumer_group();
+        let mut conn = self.conn();
+        let reply: RedisResult<StreamInfoConsumersReply> =
+            conn.xinfo_consumers(&stream, group).await;
+        let consumers = match reply {
+            Ok(r) => r.consumers,
+            Err(e) if e.code() == Some("NOGROUP") || e.code() == Some("ERR") => return Ok(0),
+            Err(e) => return Err(e),
+        };
+        let mut removed = 0;
+        for c in consumers {
+            if c.pending == 0 && c.idle as u128 >= idle.as_millis() {
+                let _: usize = conn.xgroup_delconsumer(&stream, group, &c.name).await?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Tells every gateway that promotion `id` changed. Best effort: the
     /// cache TTL covers a lost message.
     pub async fn publish_changed(&self, id: i64) {
@@ -832,12 +861,17 @@ impl Store {
     /// The length and pending count of promotion `id`'s stream.
     pub async fn stream_depth(&self, id: i64) -> RedisResult<(i64, i64)> {
         let stream = self.keys.promotion(id).orders;
-        let (len, pending): (i64, StreamPendingReply) = redis::pipe()
+        let depth: RedisResult<(i64, StreamPendingReply)> = redis::pipe()
             .xlen(&stream)
             .xpending(&stream, self.keys.consumer_group())
             .query_async(&mut self.conn())
-            .await?;
-        Ok((len, pending.count() as i64))
+            .await;
+        match depth {
+            Ok((len, pending)) => Ok((len, pending.count() as i64)),
+            // No stream or no group: nothing can be pending.
+            Err(e) if e.code() == Some("NOGROUP") => Ok((self.conn().xlen(&stream).await?, 0)),
+            Err(e) => Err(e),
+        }
     }
 
     /// The order messages still in promotion `id`'s stream, read in pages

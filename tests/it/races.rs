@@ -763,3 +763,76 @@ async fn a_promotion_redis_lost_but_postgres_knows_is_503_with_retry_after_not_4
     }
     assert!(sold);
 }
+
+#[tokio::test]
+async fn ended_promotions_with_drained_streams_and_idle_consumers_are_pruned() {
+    let app = spawn_app_with(Role::GatewayOnly, |_| {}).await;
+    let drained = app.active_promotion(10, 1).await;
+    let backlogged = app.active_promotion(10, 1).await;
+    let running = app.active_promotion(10, 1).await;
+    app.buy(backlogged, 1).await;
+    let s = store(&app);
+    let mut conn = app.redis.clone();
+    // Two promotions end; one still has an order waiting in its stream.
+    let ended = chrono::Utc::now() - chrono::Duration::minutes(5);
+    for id in [drained, backlogged] {
+        let _: i64 = redis::cmd("HSET")
+            .arg(app.keys.promotion(id).meta)
+            .arg("ends_ms")
+            .arg(ended.timestamp_millis())
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    // A consumer of a process long gone, and one holding an entry.
+    let running_stream = app.keys.promotion(running).orders;
+    let _: i64 = redis::cmd("XGROUP")
+        .arg(&[
+            "CREATECONSUMER",
+            &running_stream,
+            app.keys.consumer_group(),
+            "gone",
+        ])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let backlogged_stream = app.keys.promotion(backlogged).orders;
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg(&[
+            "GROUP",
+            app.keys.consumer_group(),
+            "holder",
+            "COUNT",
+            "1",
+            "STREAMS",
+        ])
+        .arg(&backlogged_stream)
+        .arg(">")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let removed = seckill::orders::worker::prune_once(&s, chrono::Utc::now(), Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(removed, vec![drained]);
+    let live = s.live_promotions().await.unwrap();
+    assert_eq!(live, vec![backlogged, running]);
+    let consumers = |stream: String| {
+        let mut conn = app.redis.clone();
+        let group = app.keys.consumer_group();
+        async move {
+            let v: redis::Value = redis::cmd("XINFO")
+                .arg(&["CONSUMERS", &stream, group])
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            format!("{v:?}")
+        }
+    };
+    assert!(!consumers(running_stream).await.contains("gone"));
+    assert!(
+        consumers(backlogged_stream).await.contains("holder"),
+        "a consumer holding an entry stays"
+    );
+}
