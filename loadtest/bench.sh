@@ -177,7 +177,7 @@ lt_redis SET "$rb:stock" 100000000 >/dev/null
 rb_host=$(sed -E 's#^[a-z]+://([^@/]*@)?([^:/]+).*#\2#' <<<"$LT_REDIS_URL")
 rb_port=$(sed -nE 's#^[a-z]+://([^@/]*@)?[^:/]+:([0-9]+).*#\2#p' <<<"$LT_REDIS_URL")
 redis-benchmark -h "$rb_host" -p "${rb_port:-6379}" -n "$REDIS_REQUESTS" -c 50 -r 100000000 \
-	EVALSHA "$sha" 5 "$rb:meta" "$rb:stock" "$rb:buyers" "$rb:orders" "$rb:results" \
+	EVALSHA "$sha" 6 "$rb:meta" "$rb:stock" "$rb:buyers" "$rb:orders" "$rb:results" "$rb:won" \
 	1 __rand_int__ o-__rand_int__ >"$LT_DIR/redis-benchmark.txt" 2>&1 ||
 	lt_die "redis-benchmark failed: $(tail -n 5 "$LT_DIR/redis-benchmark.txt")"
 rb_rps=$(awk '/throughput summary/ { print $3 }' "$LT_DIR/redis-benchmark.txt")
@@ -185,8 +185,8 @@ read -r rb_p50 rb_p99 < <(awk '/latency summary/ { getline; getline; print $3, $
 rb_sold=$(lt_redis HGET "$rb:meta" sold)
 # A repeated random user id is a 409, not a sale: count sales only.
 rb_purchases=$(awk -v r="$rb_rps" -v s="$rb_sold" -v n="$REDIS_REQUESTS" 'BEGIN { printf "%.0f", r * s / n }')
-lt_redis UNLINK "$rb:meta" "$rb:stock" "$rb:buyers" "$rb:orders" "$rb:results" >/dev/null
-say "1. Redis alone: redis-benchmark EVALSHA purchase.lua (5 keys, one buyer per call, +XADD)"
+lt_redis UNLINK "$rb:meta" "$rb:stock" "$rb:buyers" "$rb:orders" "$rb:results" "$rb:won" >/dev/null
+say "1. Redis alone: redis-benchmark EVALSHA purchase.lua (6 keys, one buyer per call, +XADD)"
 row "calls/s (50 clients, no pipelining)" "$(fmt "$rb_rps")" "p50 ${rb_p50} ms, p99 ${rb_p99} ms"
 row "purchases/s (calls that sold: $rb_sold of $REDIS_REQUESTS)" "$rb_purchases"
 
