@@ -11,13 +11,17 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chrono::Utc;
+use futures_util::TryStreamExt;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::orders::{OrderStatus, repo as orders};
+use crate::orders::repo as orders;
 use crate::promotions::{Promotion, repo};
-use crate::stock::{Recover, Store};
+use crate::stock::{Recover, Refill, Store};
 use crate::{checkpoint, pace};
+
+/// Rows read from PostgreSQL and written to Redis per step of a rebuild.
+const CHUNK: usize = 1000;
 
 /// How long a recovery's lock on a promotion lasts without a write; each
 /// chunk it writes extends it. A recovery that stalls longer loses the lock,
@@ -100,69 +104,31 @@ async fn recover_one(db: &PgPool, store: &Store, p: &Promotion) -> anyhow::Resul
         return Ok(unchanged(true));
     }
 
-    // The stream first, then PostgreSQL: an entry persisted (and deleted
-    // from the stream) in between is then seen in PostgreSQL, and one seen
-    // in both is counted once.
-    let in_stream = store.stream_orders(p.id).await?;
-    let stored = orders::of_promotion(db, p.id).await?;
-    checkpoint::point(store.keys().prefix(), AFTER_READ).await;
-
-    // order id → user id of every order counted
-    let mut seen: HashMap<String, i64> = HashMap::new();
-    // user → (units bought, latest order id and its seq)
-    let mut buyers: HashMap<i64, (i64, i64, String)> = HashMap::new();
-    let mut returned_ids = Vec::new();
-    let mut count = |user_id: i64, seq: i64, order_id: &str| {
-        let entry = buyers.entry(user_id).or_insert((0, 0, String::new()));
-        entry.0 += 1;
-        if seq > entry.1 {
-            entry.1 = seq;
-            entry.2 = order_id.to_string();
-        }
-    };
-    for o in &stored {
-        seen.insert(o.order_id.clone(), o.user_id);
-        count(o.user_id, o.seq, &o.order_id);
-        if o.status == OrderStatus::Cancelled {
-            returned_ids.push(o.order_id.clone());
-        }
-    }
-    for m in &in_stream {
-        if seen.insert(m.order_id.clone(), m.user_id).is_none() {
-            count(m.user_id, m.seq, &m.order_id);
-        }
-    }
-    let sold = seen.len() as i64;
-    let returned = returned_ids.len() as i64;
-
-    let buyer_list: Vec<(i64, i64, &str)> = buyers
-        .iter()
-        .map(|(user, (n, _, latest))| (*user, *n, latest.as_str()))
-        .collect();
-    let won: Vec<(String, i64)> = seen.into_iter().collect();
-    let written = store
-        .refill_all(p.id, &token, LOCK_TTL, &buyer_list, &returned_ids, &won)
-        .await?;
-    let outcome = if written {
-        store.recover(&p.meta(), sold, returned, &token).await?
-    } else {
-        Recover::LockLost
-    };
-    match outcome {
-        Recover::Rebuilt => {}
-        Recover::StateExisted | Recover::LockLost => {
+    let counted = match rebuild(db, store, p, &token).await? {
+        Some(counted) => counted,
+        None => {
             tracing::warn!(
                 promotion = p.id,
-                "another recovery took the promotion over; this one wrote nothing"
+                "another recovery took the promotion over; this one wrote nothing more"
             );
             return Ok(unchanged(true));
         }
-    }
+    };
+    let (sold, returned) = (counted.sold, counted.returned);
     store.add_live(p.id).await?;
-    // The units of the cancelled orders counted above are in the rebuilt
-    // stock: record them as returned, and only them (an order cancelled
-    // since is returned by its own restock, or the sweeper's).
-    orders::mark_restocked_all(db, &returned_ids).await?;
+    // The units of the cancelled orders counted are in the rebuilt stock:
+    // record them as returned, and only them (an order cancelled since is
+    // returned by its own restock, or the sweeper's). The returned set holds
+    // exactly those, plus units a restock gave back since (already recorded).
+    let mut cursor = 0;
+    loop {
+        let (next, ids) = store.returned_page(p.id, cursor).await?;
+        orders::mark_restocked_all(db, &ids).await?;
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
     let remaining = (p.stock - sold + returned).max(0);
     {
         tracing::warn!(
@@ -302,6 +268,124 @@ async fn reconcile_one(
         cancelled: counts.cancelled,
         drift,
     })
+}
+
+/// What a rebuild counted.
+struct Counted {
+    sold: i64,
+    returned: i64,
+}
+
+/// Writes promotion `p`'s sale state from PostgreSQL and what is left of its
+/// stream, for the recovery holding `token`; `None` when it lost the lock
+/// (or another recovery finished first) and stopped writing.
+///
+/// The stream is read first, then PostgreSQL on one snapshot: an entry
+/// persisted (and deleted from the stream) in between is found in the
+/// snapshot, and one found in both is counted once. PostgreSQL's rows are
+/// streamed and written a chunk at a time, so the memory used is bounded by
+/// the chunk and the stream's backlog, not by the number of orders.
+async fn rebuild(
+    db: &PgPool,
+    store: &Store,
+    p: &Promotion,
+    token: &str,
+) -> anyhow::Result<Option<Counted>> {
+    let in_stream = store.stream_orders(p.id).await?;
+    let mut tx = orders::snapshot(db).await?;
+    let ids: Vec<&str> = in_stream.iter().map(|m| m.order_id.as_str()).collect();
+    let persisted = orders::existing(&mut tx, &ids).await?;
+    checkpoint::point(store.keys().prefix(), AFTER_READ).await;
+
+    // The orders only the stream has, by buyer: (units, latest seq, latest id).
+    let mut stream_only: Vec<(String, i64)> = Vec::new();
+    let mut extra: HashMap<i64, (i64, i64, String)> = HashMap::new();
+    let mut seen_in_stream = HashSet::new();
+    for m in &in_stream {
+        if persisted.contains(&m.order_id) || !seen_in_stream.insert(m.order_id.as_str()) {
+            continue;
+        }
+        stream_only.push((m.order_id.clone(), m.user_id));
+        let e = extra.entry(m.user_id).or_insert((0, 0, String::new()));
+        e.0 += 1;
+        if m.seq > e.1 {
+            (e.1, e.2) = (m.seq, m.order_id.clone());
+        }
+    }
+    let mut sold = stream_only.len() as i64;
+
+    let mut buyers = orders::buyer_totals(&mut tx, p.id).try_chunks(CHUNK);
+    while let Some(chunk) = buyers.try_next().await.map_err(|e| e.1)? {
+        let mut rows = Vec::with_capacity(chunk.len());
+        for b in chunk {
+            sold += b.bought;
+            let (mut bought, mut latest) = (b.bought, b.latest);
+            if let Some((n, seq, id)) = extra.remove(&b.user_id) {
+                bought += n;
+                if seq > b.latest_seq {
+                    latest = id;
+                }
+            }
+            rows.push((b.user_id, bought, latest));
+        }
+        if !store
+            .refill(p.id, token, LOCK_TTL, Refill::Buyers(&rows))
+            .await?
+        {
+            return Ok(None);
+        }
+    }
+    drop(buyers);
+    let rest: Vec<(i64, i64, String)> = extra
+        .into_iter()
+        .map(|(u, (n, _, id))| (u, n, id))
+        .collect();
+    for chunk in rest.chunks(CHUNK) {
+        if !store
+            .refill(p.id, token, LOCK_TTL, Refill::Buyers(chunk))
+            .await?
+        {
+            return Ok(None);
+        }
+    }
+
+    for chunk in stream_only.chunks(CHUNK) {
+        if !store
+            .refill(p.id, token, LOCK_TTL, Refill::Won(chunk))
+            .await?
+        {
+            return Ok(None);
+        }
+    }
+    let mut owners = orders::order_owners(&mut tx, p.id).try_chunks(CHUNK);
+    while let Some(chunk) = owners.try_next().await.map_err(|e| e.1)? {
+        if !store
+            .refill(p.id, token, LOCK_TTL, Refill::Won(&chunk))
+            .await?
+        {
+            return Ok(None);
+        }
+    }
+    drop(owners);
+
+    let mut returned = 0;
+    let mut cancelled = orders::cancelled_ids(&mut tx, p.id).try_chunks(CHUNK);
+    while let Some(chunk) = cancelled.try_next().await.map_err(|e| e.1)? {
+        returned += chunk.len() as i64;
+        if !store
+            .refill(p.id, token, LOCK_TTL, Refill::Returned(&chunk))
+            .await?
+        {
+            return Ok(None);
+        }
+    }
+    drop(cancelled);
+    tx.rollback().await.context("failed to end the snapshot")?;
+
+    match store.recover(&p.meta(), sold, returned, token).await? {
+        Recover::Rebuilt => Ok(Some(Counted { sold, returned })),
+        Recover::StateExisted | Recover::LockLost => Ok(None),
+    }
 }
 
 /// The reconcile table, one promotion per line.

@@ -2,10 +2,12 @@
 //! batch insert, the lifecycle's row locks and status changes, the sweeper's
 //! queries, recovery's reads and the query side.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
+use futures_util::stream::BoxStream;
 use serde::Serialize;
 use sqlx::{PgPool, Postgres, Transaction};
 
@@ -57,15 +59,6 @@ impl Locked {
             created_at: self.created_at,
         }
     }
-}
-
-/// An order as recovery counts it.
-#[derive(Debug, sqlx::FromRow)]
-pub struct Stored {
-    pub order_id: String,
-    pub user_id: i64,
-    pub seq: i64,
-    pub status: OrderStatus,
 }
 
 /// The batch insert: one row per element of the arrays.
@@ -295,13 +288,76 @@ pub async fn restocked(db: &PgPool, promotion_id: i64) -> anyhow::Result<Vec<Str
     .context("failed to list the returned orders")
 }
 
-/// Every order of a promotion, for recovery.
-pub async fn of_promotion(db: &PgPool, promotion_id: i64) -> anyhow::Result<Vec<Stored>> {
-    sqlx::query_as("SELECT order_id, user_id, seq, status FROM orders WHERE promotion_id = $1")
-        .bind(promotion_id)
-        .fetch_all(db)
+/// A read-only transaction on one snapshot of the database: the reads of
+/// one recovery agree with one another.
+pub async fn snapshot(db: &PgPool) -> anyhow::Result<Transaction<'static, Postgres>> {
+    let mut tx = db.begin().await.context("failed to begin a transaction")?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
         .await
-        .context("failed to read the promotion's orders")
+        .context("failed to take a snapshot")?;
+    Ok(tx)
+}
+
+/// Which of `order_ids` are in the table.
+pub async fn existing(
+    tx: &mut Transaction<'_, Postgres>,
+    order_ids: &[&str],
+) -> anyhow::Result<HashSet<String>> {
+    let found: Vec<String> =
+        sqlx::query_scalar("SELECT order_id FROM orders WHERE order_id = ANY($1)")
+            .bind(order_ids)
+            .fetch_all(&mut **tx)
+            .await
+            .context("failed to look up orders")?;
+    Ok(found.into_iter().collect())
+}
+
+/// One buyer of a promotion as PostgreSQL has it: units bought and the
+/// latest order.
+#[derive(Debug, sqlx::FromRow)]
+pub struct BuyerTotal {
+    pub user_id: i64,
+    pub bought: i64,
+    pub latest_seq: i64,
+    pub latest: String,
+}
+
+/// A promotion's buyers, one row each, as a stream (recovery holds a chunk
+/// at a time, whatever the number of orders).
+pub fn buyer_totals<'a>(
+    tx: &'a mut Transaction<'_, Postgres>,
+    promotion_id: i64,
+) -> BoxStream<'a, Result<BuyerTotal, sqlx::Error>> {
+    sqlx::query_as(
+        "SELECT user_id, count(*) AS bought, max(seq) AS latest_seq, \
+         (array_agg(order_id ORDER BY seq DESC))[1] AS latest \
+         FROM orders WHERE promotion_id = $1 GROUP BY user_id",
+    )
+    .bind(promotion_id)
+    .fetch(&mut **tx)
+}
+
+/// A promotion's orders as `(order_id, user_id)`, as a stream.
+pub fn order_owners<'a>(
+    tx: &'a mut Transaction<'_, Postgres>,
+    promotion_id: i64,
+) -> BoxStream<'a, Result<(String, i64), sqlx::Error>> {
+    sqlx::query_as("SELECT order_id, user_id FROM orders WHERE promotion_id = $1")
+        .bind(promotion_id)
+        .fetch(&mut **tx)
+}
+
+/// The ids of a promotion's cancelled orders, as a stream.
+pub fn cancelled_ids<'a>(
+    tx: &'a mut Transaction<'_, Postgres>,
+    promotion_id: i64,
+) -> BoxStream<'a, Result<String, sqlx::Error>> {
+    sqlx::query_scalar(
+        "SELECT order_id FROM orders WHERE promotion_id = $1 AND status = 'cancelled'",
+    )
+    .bind(promotion_id)
+    .fetch(&mut **tx)
 }
 
 /// Locks `user_id`'s order `order_id` for a status change; `None` when no

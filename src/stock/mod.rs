@@ -15,6 +15,6 @@ pub mod store;
 pub use keys::Keys;
 pub use message::{Entry, OrderMessage};
 pub use store::{
-    Admission, Buyer, ConnectOptions, LiveCounters, Outcome, PromotionMeta, Recover, Restock,
-    Snapshot, Store,
+    Admission, Buyer, ConnectOptions, LiveCounters, Outcome, PromotionMeta, Recover, Refill,
+    Restock, Snapshot, Store,
 };

@@ -110,6 +110,17 @@ pub enum Admission {
     Unknown,
 }
 
+/// One chunk of a promotion's state for `lua/refill.lua`.
+#[derive(Debug, Clone, Copy)]
+pub enum Refill<'a> {
+    /// Buyers: (user id, units bought, latest order id).
+    Buyers(&'a [(i64, i64, String)]),
+    /// Ids of orders whose unit is back.
+    Returned(&'a [String]),
+    /// Accepted orders: (order id, user id).
+    Won(&'a [(String, i64)]),
+}
+
 /// What `lua/recover.lua` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Recover {
@@ -337,17 +348,16 @@ impl Store {
         Ok(set.is_some())
     }
 
-    /// Runs `lua/refill.lua` for one chunk of `kind` (`buyers`, `returned`,
-    /// `won`) with its flat arguments; `false` when refused (the meta exists
-    /// or `token` lost the lock).
-    async fn refill(
+    /// Runs `lua/refill.lua` for one chunk, for the recovery holding
+    /// `token` (extending its lock to `ttl`); `false` when refused (the meta
+    /// exists or `token` lost the lock).
+    pub async fn refill(
         &self,
         id: i64,
         token: &str,
         ttl: Duration,
-        kind: &str,
-        items: impl Iterator<Item = String>,
-    ) -> RedisResult<bool> {
+        chunk: Refill<'_>,
+    ) -> anyhow::Result<bool> {
         let k = self.keys.promotion(id);
         let mut call = script(Name::Refill).prepare_invoke();
         call.key(&k.meta)
@@ -357,65 +367,48 @@ impl Store {
             .key(&k.returned)
             .key(&k.won)
             .arg(token)
-            .arg(ttl.as_millis() as u64)
-            .arg(kind);
-        for item in items {
-            call.arg(item);
-        }
-        let code: i64 = call.invoke_async(&mut self.conn()).await?;
+            .arg(ttl.as_millis() as u64);
+        let what = match chunk {
+            Refill::Buyers(buyers) => {
+                call.arg("buyers");
+                for (user, bought, latest) in buyers {
+                    call.arg(user).arg(bought).arg(latest);
+                }
+                "buyers"
+            }
+            Refill::Returned(ids) => {
+                call.arg("returned").arg(ids);
+                "returned orders"
+            }
+            Refill::Won(owners) => {
+                call.arg("won");
+                for (order, user) in owners {
+                    call.arg(order).arg(user);
+                }
+                "accepted orders"
+            }
+        };
+        let code: i64 = call
+            .invoke_async(&mut self.conn())
+            .await
+            .with_context(|| format!("failed to restore the {what}"))?;
         match code {
             codes::refill::WRITTEN => Ok(true),
             codes::refill::REFUSED => Ok(false),
-            other => Err(unexpected("refill.lua returned an unknown code", other)),
+            other => Err(unexpected("refill.lua returned an unknown code", other).into()),
         }
     }
 
-    /// Refills a promotion's buyers (user, units, latest order id), returned
-    /// and accepted order ids, in chunks, for the recovery holding `token`.
-    /// `false` as soon as a chunk is refused.
-    pub async fn refill_all(
-        &self,
-        id: i64,
-        token: &str,
-        ttl: Duration,
-        buyers: &[(i64, i64, &str)],
-        returned: &[String],
-        won: &[(String, i64)],
-    ) -> anyhow::Result<bool> {
-        for chunk in buyers.chunks(CHUNK) {
-            let items = chunk
-                .iter()
-                .flat_map(|(u, n, o)| [u.to_string(), n.to_string(), o.to_string()]);
-            if !self
-                .refill(id, token, ttl, "buyers", items)
-                .await
-                .context("failed to restore the buyers")?
-            {
-                return Ok(false);
-            }
-        }
-        for chunk in returned.chunks(CHUNK) {
-            let written = self
-                .refill(id, token, ttl, "returned", chunk.iter().cloned())
-                .await
-                .context("failed to restore the returned orders")?;
-            if !written {
-                return Ok(false);
-            }
-        }
-        for chunk in won.chunks(CHUNK) {
-            let items = chunk
-                .iter()
-                .flat_map(|(order, user)| [order.clone(), user.to_string()]);
-            let written = self
-                .refill(id, token, ttl, "won", items)
-                .await
-                .context("failed to restore the accepted orders")?;
-            if !written {
-                return Ok(false);
-            }
-        }
-        Ok(true)
+    /// One page of the ids in promotion `id`'s returned set (`SSCAN`), from
+    /// `cursor` (0 to start); the next cursor is 0 after the last page.
+    pub async fn returned_page(&self, id: i64, cursor: u64) -> RedisResult<(u64, Vec<String>)> {
+        redis::cmd("SSCAN")
+            .arg(self.keys.promotion(id).returned)
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(CHUNK)
+            .query_async(&mut self.conn())
+            .await
     }
 
     /// Runs `lua/recover.lua` for the recovery holding `token`: writes stock

@@ -836,3 +836,71 @@ async fn ended_promotions_with_drained_streams_and_idle_consumers_are_pruned() {
         "a consumer holding an entry stays"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn recovery_of_tens_of_thousands_of_orders_rebuilds_exact_counts_chunk_by_chunk() {
+    // No workers: the stream keeps what the test appends.
+    let app = spawn_app_with(Role::GatewayOnly, |_| {}).await;
+    let id = app.active_promotion(100_000, 2).await;
+    // 30,000 orders in PostgreSQL: 15,000 buyers with two each, every tenth
+    // order cancelled.
+    sqlx::query(
+        "INSERT INTO orders (order_id, promotion_id, user_id, seq, price_cents, created_at, status) \
+         SELECT 'o-' || n, $1, (n + 1) / 2, 2 - (n % 2), 100, now(), \
+                CASE WHEN n % 10 = 0 THEN 'cancelled' ELSE 'pending' END \
+         FROM generate_series(1, 30000) AS n",
+    )
+    .bind(id)
+    .execute(&app.db)
+    .await
+    .unwrap();
+    // Redis loses the sale state; the stream it rebuilds from still holds one
+    // order PostgreSQL has and two it does not (a new buyer's).
+    lose_promotion(&app, id).await;
+    let mut conn = app.redis.clone();
+    for (order, user, seq) in [("o-29999", 15000, 1), ("s-1", 20001, 1), ("s-2", 20001, 2)] {
+        let _: String = redis::cmd("XADD")
+            .arg(app.keys.promotion(id).orders)
+            .arg("*")
+            .arg(&[
+                ("order_id", order),
+                ("promotion_id", &id.to_string()),
+                ("user_id", &user.to_string()),
+                ("seq", &seq.to_string()),
+                ("price_cents", "100"),
+                ("created_ms", "1700000000000"),
+            ])
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let r = recovery::recover(&app.db, &store(&app), Some(id))
+        .await
+        .unwrap();
+    assert!(r[0].rebuilt, "{r:?}");
+    assert_eq!((r[0].sold, r[0].returned), (30_002, 3_000), "{r:?}");
+    let c = store(&app).counters(id).await.unwrap();
+    assert_eq!(c.remaining, Some(100_000 - 30_002 + 3_000));
+    let buyers: i64 = redis::cmd("HLEN")
+        .arg(app.keys.promotion(id).buyers)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(buyers, 15_001);
+    let latest: String = redis::cmd("HGET")
+        .arg(app.keys.promotion(id).results)
+        .arg(20001)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(latest, "s-2");
+    let restocked: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM orders WHERE promotion_id = $1 AND restocked_at IS NOT NULL",
+    )
+    .bind(id)
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    assert_eq!(restocked, 3_000);
+    assert_eq!(drift(&app, id).await, 0);
+}
