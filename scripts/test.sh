@@ -2,7 +2,7 @@
 # scripts/test.sh — the one command that runs the whole test suite.
 #
 #   1. scripts/deps.sh: Redis and PostgreSQL up (the ones the tests use),
-#      scripts/ensure-nginx.sh: nginx and its Lua module installed,
+#      scripts/ensure-test-packages.sh: nginx, its Lua module and libfaketime installed,
 #   2. cargo fmt --all -- --check
 #   3. cargo clippy --all-targets -- -D warnings
 #   4. cargo test --all-targets -- --test-threads=$SECKILL_TEST_THREADS
@@ -46,9 +46,10 @@ env -u SECKILL_PG_HOST -u SECKILL_PG_PORT \
 	SECKILL_DATABASE_URL="$SECKILL_TEST_DATABASE_URL" \
 	scripts/deps.sh
 
-# nginx and its Lua module for tests/it/nginx.rs (installed if missing; the
-# tests run their own nginx on spare ports, never the system service).
-scripts/ensure-nginx.sh
+# nginx and its Lua module for tests/it/nginx.rs (the tests run their own
+# nginx on spare ports, never the system service) and libfaketime for the
+# skewed-clock test; installed if missing.
+scripts/ensure-test-packages.sh
 
 # cargo from rustup lives in ~/.cargo/bin, which non-login shells (CI) may
 # not have on PATH.

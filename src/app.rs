@@ -21,12 +21,16 @@ use crate::limit::Limits;
 use crate::orders::lifecycle::Lifecycle;
 use crate::orders::{Worker, WorkerConfig};
 use crate::promotions::{PromotionCache, Promotions};
+use crate::stock::clock::RedisClock;
 use crate::stock::coalesce::Coalescer;
 use crate::stock::{ConnectOptions, Keys, Store};
 use crate::{db, pace};
 
 /// How often the keyed rate limiters forget replenished keys.
 const LIMITER_PRUNE_EVERY: Duration = Duration::from_secs(10);
+
+/// How often the gateway reads Redis's clock again.
+const CLOCK_SYNC_EVERY: Duration = Duration::from_secs(5);
 
 /// How often the stream length and pending gauges are refreshed.
 const STREAM_GAUGES_EVERY: Duration = Duration::from_secs(2);
@@ -112,6 +116,11 @@ impl App {
         // Every metric the dashboards and alerts use is exported from now on.
         crate::telemetry::register_metrics(&crate::http::known_metric_labels());
         let cache = PromotionCache::new(settings.cache_ttl, settings.sold_out_ttl);
+        let clock = RedisClock::default();
+        clock
+            .sync(&store)
+            .await
+            .context("failed to read redis's clock")?;
         let state = Arc::new(AppState {
             lifecycle: Lifecycle {
                 db: db.clone(),
@@ -126,6 +135,7 @@ impl App {
             purchases: Coalescer::new(store.clone(), settings.purchase_batch),
             auth: Auth::from_settings(&settings),
             cache,
+            clock,
             inflight: Semaphore::new(settings.max_inflight),
             limits: Limits::new(
                 settings.rate_global,
@@ -208,6 +218,16 @@ impl App {
                 // Keyed limiters grow with every distinct key: prune them.
                 while pace::sleep(LIMITER_PRUNE_EVERY, &stop).await {
                     state.limits.prune();
+                }
+            });
+            let state = self.state.clone();
+            let stop = token.clone();
+            workers.spawn(async move {
+                // Clocks drift: learn Redis's again now and then.
+                while pace::sleep(CLOCK_SYNC_EVERY, &stop).await {
+                    if let Err(e) = state.clock.sync(&state.store).await {
+                        tracing::debug!(error = %e, "redis clock not read");
+                    }
                 }
             });
             workers.spawn(crate::promotions::events::listen(

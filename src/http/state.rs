@@ -13,6 +13,7 @@ use crate::limit::Limits;
 use crate::orders::lifecycle::Lifecycle;
 use crate::promotions::{PromotionCache, Promotions};
 use crate::stock::Store;
+use crate::stock::clock::RedisClock;
 use crate::stock::coalesce::Coalescer;
 
 /// Everything a request handler needs, shared by all connections.
@@ -21,6 +22,8 @@ pub struct AppState {
     /// Redis, on one multiplexed connection (cheap clones share one socket
     /// and reconnect by themselves) with a short reply timeout.
     pub store: Store,
+    /// Redis's clock, for the early refusals of the sale window.
+    pub clock: RedisClock,
     /// The handlers' PostgreSQL pool (`SECKILL_DB_MAX_CONNECTIONS`). The
     /// order workers, the sweeper and the periodic reconcile have a pool of
     /// their own, so requests can only ever wait on this one.

@@ -6,6 +6,7 @@
 //! change is atomic. This module owns Redis; the record of promotions and
 //! orders lives in PostgreSQL (`promotions`, `orders`).
 
+pub mod clock;
 pub mod coalesce;
 pub mod keys;
 pub mod lua;

@@ -229,6 +229,12 @@ impl Store {
         Ok(())
     }
 
+    /// Redis's clock (`TIME`), in Unix milliseconds.
+    pub async fn time_ms(&self) -> RedisResult<i64> {
+        let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut self.conn()).await?;
+        Ok(secs * 1000 + micros / 1000)
+    }
+
     // ---- Scripts -------------------------------------------------------
 
     /// Loads every script into Redis (`SCRIPT LOAD`) and logs its SHA. A

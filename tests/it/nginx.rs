@@ -2,7 +2,7 @@
 //! the real nginx binary with its own prefix and port, in front of two
 //! `seckill serve` processes sharing one Redis prefix and one database.
 //!
-//! nginx comes from `scripts/ensure-nginx.sh` (Debian packages `nginx` and
+//! nginx comes from `scripts/ensure-test-packages.sh` (Debian packages `nginx` and
 //! `libnginx-mod-http-lua`); without it these tests fail and say so.
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -31,7 +31,7 @@ const LUA_MODULES: [&str; 2] = [
 fn nginx_bin() -> &'static str {
     assert!(
         Path::new(NGINX).exists(),
-        "{NGINX} is missing: run scripts/ensure-nginx.sh (installs nginx and libnginx-mod-http-lua)"
+        "{NGINX} is missing: run scripts/ensure-test-packages.sh (installs nginx and libnginx-mod-http-lua)"
     );
     NGINX
 }
@@ -40,7 +40,7 @@ fn assert_lua_module() {
     for m in LUA_MODULES {
         assert!(
             Path::new(m).exists(),
-            "{m} is missing: run scripts/ensure-nginx.sh (installs libnginx-mod-http-lua)"
+            "{m} is missing: run scripts/ensure-test-packages.sh (installs libnginx-mod-http-lua)"
         );
     }
 }
@@ -291,7 +291,7 @@ async fn nginx_config_passes_nginx_t() {
     let (ok, out) = nginx_t(&dir, "nginx.conf");
     assert!(ok, "nginx -t nginx.conf:\n{out}");
 
-    // The Lua variant: the module is installed by scripts/ensure-nginx.sh.
+    // The Lua variant: the module is installed by scripts/ensure-test-packages.sh.
     assert_lua_module();
     let (ok, out) = nginx_t(&dir, "nginx-lua.conf");
     assert!(ok, "nginx -t nginx-lua.conf:\n{out}");

@@ -15,7 +15,7 @@ use seckill::stock::{Buyer, Outcome, Store};
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::{TestApp, code, spawn_app_with, spawn_with_settings, test_settings};
-use crate::procs::RedisProc;
+use crate::procs::{GatewayProc, RedisProc};
 
 /// The test's view of Redis, through the program's own store.
 fn store(app: &TestApp) -> Store {
@@ -903,4 +903,78 @@ async fn recovery_of_tens_of_thousands_of_orders_rebuilds_exact_counts_chunk_by_
     .unwrap();
     assert_eq!(restocked, 3_000);
     assert_eq!(drift(&app, id).await, 0);
+}
+
+/// libfaketime, which scripts/test.sh installs: a process started with it
+/// preloaded sees its wall clock shifted.
+fn libfaketime() -> &'static str {
+    const PATHS: [&str; 2] = [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+    ];
+    PATHS
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("libfaketime is installed (scripts/test.sh installs it)")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn gateways_with_skewed_clocks_refuse_no_one_early_the_window_is_redis_s() {
+    let settings = test_settings();
+    let skewed = |shift: &'static str| {
+        let settings = settings.clone();
+        async move {
+            GatewayProc::start(
+                &settings,
+                &[
+                    ("LD_PRELOAD", libfaketime()),
+                    ("FAKETIME", shift),
+                    ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+                ],
+            )
+            .await
+        }
+    };
+    // One gateway runs 30 s late, one 30 s early.
+    let late = skewed("-30s").await;
+    let early = skewed("+30s").await;
+    let client = reqwest::Client::new();
+    let now = chrono::Utc::now();
+    let window = |from: i64, to: i64| {
+        let mut body = crate::helpers::active_body(10, 1);
+        body["starts_at"] = crate::helpers::rfc3339(now + chrono::Duration::seconds(from)).into();
+        body["ends_at"] = crate::helpers::rfc3339(now + chrono::Duration::seconds(to)).into();
+        body
+    };
+    let create = |gateway: &GatewayProc, body: serde_json::Value| {
+        let req = client
+            .post(format!("http://{}/admin/promotions", gateway.addr))
+            .bearer_auth(crate::helpers::ADMIN_TOKEN)
+            .json(&body);
+        async move {
+            let v: serde_json::Value = req.send().await.unwrap().json().await.unwrap();
+            v["id"].as_i64().expect("created")
+        }
+    };
+    let buy = |gateway: &GatewayProc, id: i64, user: i64| {
+        let req = client
+            .post(format!(
+                "http://{}/api/promotions/{id}/purchase",
+                gateway.addr
+            ))
+            .bearer_auth(crate::helpers::user_token(user))
+            .json(&serde_json::json!({}));
+        async move { req.send().await.unwrap().status() }
+    };
+    // Started 5 s ago: the late gateway's own clock says 25 s to go.
+    let started = create(&late, window(-5, 3600)).await;
+    assert_eq!(buy(&late, started, 1).await, StatusCode::OK);
+    // Ends in 20 s: the early gateway's own clock says it ended 10 s ago.
+    let open = create(&early, window(-60, 20)).await;
+    assert_eq!(buy(&early, open, 2).await, StatusCode::OK);
+    // And a sale not started by Redis's clock is refused by both.
+    let later = create(&late, window(5, 3600)).await;
+    for g in [&late, &early] {
+        assert_eq!(buy(g, later, 3).await, StatusCode::FORBIDDEN);
+    }
 }

@@ -69,7 +69,7 @@ pub async fn token(req: Request) -> Result<Response, ApiError> {
         }
         return Err(admission.into());
     }
-    let expires_ms = Utc::now().timestamp_millis() + state.settings.token_ttl.as_millis() as i64;
+    let expires_ms = state.clock.now_ms() + state.settings.token_ttl.as_millis() as i64;
     let token = state.tokens.sign(id, user_id, expires_ms);
     metrics::counter!("seckill_tokens_issued_total").increment(1);
     Ok(json(
@@ -105,7 +105,7 @@ pub async fn captcha(req: Request) -> Result<Response, ApiError> {
             ttl,
         )
         .await?;
-    let expires_ms = Utc::now().timestamp_millis() + ttl.as_millis() as i64;
+    let expires_ms = state.clock.now_ms() + ttl.as_millis() as i64;
     Ok(json(
         StatusCode::OK,
         &serde_json::json!({

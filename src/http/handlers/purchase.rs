@@ -5,7 +5,6 @@
 //! answers unknown, not-started, ended and recently sold-out promotions; what
 //! passes runs `lua/purchase.lua`, which decides atomically.
 
-use chrono::Utc;
 use hyper::StatusCode;
 use serde::Deserialize;
 
@@ -38,13 +37,14 @@ pub async fn purchase(req: Request) -> Result<Response, ApiError> {
     };
 
     let meta = super::sale_meta(&state, id).await?;
-    let now_ms = Utc::now().timestamp_millis();
-    if now_ms < meta.starts_ms {
-        return Err(rejected(ApiError::not_started()));
+    // Surely outside the window by Redis's clock: refused here. Near its
+    // edges, the script decides.
+    match state.clock.outside(meta.starts_ms, meta.ends_ms) {
+        Some(true) => return Err(rejected(ApiError::not_started())),
+        Some(false) => return Err(rejected(ApiError::ended())),
+        None => {}
     }
-    if now_ms >= meta.ends_ms {
-        return Err(rejected(ApiError::ended()));
-    }
+    let now_ms = state.clock.now_ms();
     if meta.require_token
         && let Err(why) = state
             .tokens

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# scripts/ensure-nginx.sh — make sure nginx and its Lua module are installed,
-# for tests/it/nginx.rs (which runs nginx with its own prefix and ports).
+# scripts/ensure-test-packages.sh — make sure the system packages the tests
+# use are installed: nginx and its Lua module for tests/it/nginx.rs (which
+# runs nginx with its own prefix and ports), and libfaketime for the test of
+# gateways with skewed clocks (tests/it/races.rs).
 #
-# Idempotent and quiet: when /usr/sbin/nginx and the Lua module are present it
-# prints nothing and exits 0. Otherwise it installs the Debian packages
-# `nginx` and `libnginx-mod-http-lua` with apt-get (noninteractive,
+# Idempotent and quiet: when they are present it prints nothing and exits 0.
+# Otherwise it installs the missing Debian packages (`nginx`,
+# `libnginx-mod-http-lua`, `libfaketime`) with apt-get (noninteractive,
 # `apt-get update` once, output in $SECKILL_STATE_DIR/apt.log, shown only on
 # failure).
 #
@@ -21,12 +23,15 @@ NGINX=/usr/sbin/nginx
 LUA_MODULE=/usr/lib/nginx/modules/ngx_http_lua_module.so
 NDK_MODULE=/usr/lib/nginx/modules/ndk_http_module.so
 
-if [[ -x $NGINX && -f $LUA_MODULE && -f $NDK_MODULE ]]; then
+packages=()
+[[ -x $NGINX && -f $LUA_MODULE && -f $NDK_MODULE ]] || packages+=(nginx libnginx-mod-http-lua)
+compgen -G '/usr/lib/*/faketime/libfaketime.so.1' >/dev/null || packages+=(libfaketime)
+if ((${#packages[@]} == 0)); then
 	exit 0
 fi
 
 die() {
-	printf 'ensure-nginx: error: %s\n' "$*" >&2
+	printf 'ensure-test-packages: error: %s\n' "$*" >&2
 	exit 1
 }
 
@@ -41,7 +46,7 @@ as_root() {
 }
 
 command -v apt-get >/dev/null 2>&1 ||
-	die "nginx or its Lua module is missing and apt-get is not available; install nginx and libnginx-mod-http-lua by hand"
+	die "${packages[*]} missing and apt-get is not available; install them by hand"
 
 state_dir=${SECKILL_STATE_DIR:-${HOME:-/tmp}/.local/state/seckill}
 mkdir -p "$state_dir"
@@ -69,16 +74,16 @@ cleanup() {
 }
 trap cleanup EXIT
 
-printf 'ensure-nginx: installing nginx and libnginx-mod-http-lua with apt-get (log: %s)\n' "$aptlog"
+printf 'ensure-test-packages: installing %s with apt-get (log: %s)\n' "${packages[*]}" "$aptlog"
 env=(env DEBIAN_FRONTEND=noninteractive)
 if ! as_root "${env[@]}" apt-get update >>"$aptlog" 2>&1; then
 	tail -n 20 "$aptlog" >&2
 	die "apt-get update failed"
 fi
 if ! as_root "${env[@]}" apt-get -o DPkg::Lock::Timeout=120 install -y \
-	--no-install-recommends nginx libnginx-mod-http-lua >>"$aptlog" 2>&1; then
+	--no-install-recommends "${packages[@]}" >>"$aptlog" 2>&1; then
 	tail -n 20 "$aptlog" >&2
-	die "apt-get install nginx libnginx-mod-http-lua failed"
+	die "apt-get install ${packages[*]} failed"
 fi
 
 # If the package started the system service anyway, stop it: port 80 stays
@@ -92,4 +97,6 @@ fi
 [[ -x $NGINX ]] || die "$NGINX is still missing after the install"
 [[ -f $LUA_MODULE && -f $NDK_MODULE ]] ||
 	die "the Lua module ($LUA_MODULE, $NDK_MODULE) is still missing after the install"
-printf 'ensure-nginx: %s\n' "$("$NGINX" -v 2>&1)"
+compgen -G '/usr/lib/*/faketime/libfaketime.so.1' >/dev/null ||
+	die "libfaketime is still missing after the install"
+printf 'ensure-test-packages: %s, libfaketime\n' "$("$NGINX" -v 2>&1)"
