@@ -70,6 +70,20 @@ impl Promotion {
         self.starts_at <= now && now < self.ends_at
     }
 
+    /// Its fields, without the id.
+    pub fn fields(&self) -> NewPromotion {
+        NewPromotion {
+            name: self.name.clone(),
+            stock: self.stock,
+            per_user_limit: self.per_user_limit,
+            price_cents: self.price_cents,
+            starts_at: self.starts_at,
+            ends_at: self.ends_at,
+            require_token: self.require_token,
+            require_captcha: self.require_captcha,
+        }
+    }
+
     /// The fields the purchase script checks.
     pub fn meta(&self) -> PromotionMeta {
         PromotionMeta {

@@ -67,6 +67,40 @@ pub async fn list_open(db: &PgPool) -> anyhow::Result<Vec<Promotion>> {
     .context("failed to list open promotions")
 }
 
+/// The edit of every field of promotion `$1`, to be completed with its
+/// condition and `RETURNING`.
+macro_rules! update_sql {
+    () => {
+        "UPDATE promotions SET name = $2, stock = $3, per_user_limit = $4, price_cents = $5, \
+         starts_at = $6, ends_at = $7, require_token = $8, require_captcha = $9, \
+         updated_at = now() WHERE id = $1"
+    };
+}
+const RETURNING: &str = " RETURNING id, name, stock, per_user_limit, price_cents, starts_at, \
+                         ends_at, require_token, require_captcha";
+
+/// Writes `p`'s fields into promotion `id` with `sql` (an `update_sql!`).
+async fn write(
+    db: &PgPool,
+    id: i64,
+    p: &NewPromotion,
+    sql: &'static str,
+) -> anyhow::Result<Option<Promotion>> {
+    sqlx::query_as::<_, Promotion>(sqlx::AssertSqlSafe(format!("{sql}{RETURNING}")))
+        .bind(id)
+        .bind(&p.name)
+        .bind(p.stock)
+        .bind(p.per_user_limit)
+        .bind(p.price_cents)
+        .bind(p.starts_at)
+        .bind(p.ends_at)
+        .bind(p.require_token)
+        .bind(p.require_captcha)
+        .fetch_optional(db)
+        .await
+        .with_context(|| format!("failed to update promotion {id}"))
+}
+
 /// Replaces the fields of a promotion that has not started; the check and
 /// the write are one statement, so an edit cannot slip past the start.
 pub async fn update_before_start(
@@ -74,32 +108,21 @@ pub async fn update_before_start(
     id: i64,
     p: &NewPromotion,
 ) -> anyhow::Result<Result<Promotion, Refusal>> {
-    let updated = sqlx::query_as::<_, Promotion>(
-        "UPDATE promotions SET name = $2, stock = $3, per_user_limit = $4, price_cents = $5, \
-         starts_at = $6, ends_at = $7, require_token = $8, require_captcha = $9, \
-         updated_at = now() WHERE id = $1 AND starts_at > now() \
-         RETURNING id, name, stock, per_user_limit, price_cents, starts_at, ends_at, \
-         require_token, require_captcha",
-    )
-    .bind(id)
-    .bind(&p.name)
-    .bind(p.stock)
-    .bind(p.per_user_limit)
-    .bind(p.price_cents)
-    .bind(p.starts_at)
-    .bind(p.ends_at)
-    .bind(p.require_token)
-    .bind(p.require_captcha)
-    .fetch_optional(db)
-    .await
-    .with_context(|| format!("failed to update promotion {id}"))?;
-    match updated {
+    let sql = concat!(update_sql!(), " AND starts_at > now()");
+    match write(db, id, p, sql).await? {
         Some(p) => Ok(Ok(p)),
         None => Ok(Err(match get(db, id).await? {
             None => Refusal::NotFound,
             Some(_) => Refusal::Started,
         })),
     }
+}
+
+/// Writes `p`'s fields back as they were: only for undoing an edit whose
+/// preheat failed, before the promotion starts.
+pub async fn restore(db: &PgPool, p: &Promotion) -> anyhow::Result<()> {
+    write(db, p.id, &p.fields(), update_sql!()).await?;
+    Ok(())
 }
 
 /// Deletes a promotion that is not running and has no orders, in one statement.
@@ -124,29 +147,6 @@ pub async fn delete_unless_running(db: &PgPool, id: i64) -> anyhow::Result<Resul
     } else {
         Refusal::HasOrders
     }))
-}
-
-/// Writes `p`'s fields back as they were: only for undoing an edit whose
-/// preheat failed, before the promotion starts.
-pub async fn restore(db: &PgPool, p: &Promotion) -> anyhow::Result<()> {
-    sqlx::query(
-        "UPDATE promotions SET name = $2, stock = $3, per_user_limit = $4, price_cents = $5, \
-         starts_at = $6, ends_at = $7, require_token = $8, require_captcha = $9, \
-         updated_at = now() WHERE id = $1",
-    )
-    .bind(p.id)
-    .bind(&p.name)
-    .bind(p.stock)
-    .bind(p.per_user_limit)
-    .bind(p.price_cents)
-    .bind(p.starts_at)
-    .bind(p.ends_at)
-    .bind(p.require_token)
-    .bind(p.require_captcha)
-    .execute(db)
-    .await
-    .with_context(|| format!("failed to restore promotion {}", p.id))?;
-    Ok(())
 }
 
 /// Removes a promotion unconditionally: only for undoing a creation whose

@@ -429,6 +429,25 @@ impl TestApp {
             .clone()
     }
 
+    /// Redis loses every key of promotion `id`'s sale state and stream.
+    pub async fn lose_promotion(&self, id: i64) {
+        let k = self.keys.promotion(id);
+        let _: i64 = redis::cmd("DEL")
+            .arg(&[
+                &k.meta,
+                &k.stock,
+                &k.buyers,
+                &k.orders,
+                &k.results,
+                &k.returned,
+                &k.won,
+                &k.tokens,
+            ])
+            .query_async(&mut self.redis.clone())
+            .await
+            .unwrap();
+    }
+
     /// Stops the gateway and its workers gracefully.
     pub async fn stop(&mut self) {
         if let Some(stop) = self.stop.take() {

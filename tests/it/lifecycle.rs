@@ -268,20 +268,7 @@ async fn redis_losing_a_promotion_is_rebuilt_by_recover() {
     );
 
     // Redis loses every key of the promotion.
-    let k = app.keys.promotion(id);
-    let mut conn = app.redis.clone();
-    let _: i64 = redis::cmd("DEL")
-        .arg(&[
-            &k.meta,
-            &k.stock,
-            &k.buyers,
-            &k.orders,
-            &k.results,
-            &k.returned,
-        ])
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    app.lose_promotion(id).await;
     let (status, body) = app.purchase(id, 6).await;
     assert!(
         status.is_client_error() || status == StatusCode::SERVICE_UNAVAILABLE,

@@ -22,22 +22,21 @@ fn store(app: &TestApp) -> Store {
     Store::new(app.redis.clone(), app.keys.clone())
 }
 
-/// Redis loses every key of promotion `id`.
-async fn lose_promotion(app: &TestApp, id: i64) {
-    let k = app.keys.promotion(id);
-    let mut conn = app.redis.clone();
-    let _: i64 = redis::cmd("DEL")
+/// Appends an order message to promotion `id`'s stream by hand, as the
+/// purchase script would: `(order_id, promotion_id, user_id, seq)`.
+async fn append_order(app: &TestApp, id: i64, order: &str, promotion: i64, user: i64, seq: i64) {
+    let _: String = redis::cmd("XADD")
+        .arg(app.keys.promotion(id).orders)
+        .arg("*")
         .arg(&[
-            &k.meta,
-            &k.stock,
-            &k.buyers,
-            &k.orders,
-            &k.results,
-            &k.returned,
-            &k.won,
-            &k.tokens,
+            ("order_id", order),
+            ("promotion_id", &promotion.to_string()),
+            ("user_id", &user.to_string()),
+            ("seq", &seq.to_string()),
+            ("price_cents", "100"),
+            ("created_ms", "1700000000000"),
         ])
-        .query_async(&mut conn)
+        .query_async(&mut app.redis.clone())
         .await
         .unwrap();
 }
@@ -74,7 +73,7 @@ async fn a_cancel_committed_while_recovery_runs_returns_its_unit_and_leaves_no_d
     }
     let order = app.buy(id, 3).await;
     assert_eq!(app.wait_for_rows(id, 3, Duration::from_secs(20)).await, 3);
-    lose_promotion(&app, id).await;
+    app.lose_promotion(id).await;
 
     // Recovery reads both stores, then is held before it writes anything.
     let hold = checkpoint::arm(&app.settings.key_prefix, recovery::AFTER_READ);
@@ -93,12 +92,21 @@ async fn a_cancel_committed_while_recovery_runs_returns_its_unit_and_leaves_no_d
     // not do), exactly once.
     let remaining = wait_for_stat(&app, id, "remaining", 8, Duration::from_secs(15)).await;
     assert_eq!(remaining, 8, "10 units, 3 sold, 1 returned");
-    let restocked: bool =
-        sqlx::query_scalar("SELECT restocked_at IS NOT NULL FROM orders WHERE order_id = $1")
-            .bind(&order)
-            .fetch_one(&app.db)
-            .await
-            .unwrap();
+    // The restock records the returned unit in PostgreSQL right after the
+    // script gave it back.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let restocked = loop {
+        let restocked: bool =
+            sqlx::query_scalar("SELECT restocked_at IS NOT NULL FROM orders WHERE order_id = $1")
+                .bind(&order)
+                .fetch_one(&app.db)
+                .await
+                .unwrap();
+        if restocked || tokio::time::Instant::now() >= deadline {
+            break restocked;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert!(restocked);
     assert_eq!(drift(&app, id).await, 0);
 }
@@ -109,7 +117,7 @@ async fn a_recovery_that_lost_its_lock_cannot_overwrite_buyers_after_the_sale_re
     let id = app.active_promotion(10, 2).await;
     let first = app.buy(id, 7).await;
     assert_eq!(app.wait_for_rows(id, 1, Duration::from_secs(20)).await, 1);
-    lose_promotion(&app, id).await;
+    app.lose_promotion(id).await;
 
     // Recovery B takes the lock, reads (one order of buyer 7), and stalls.
     let hold = checkpoint::arm(&app.settings.key_prefix, recovery::AFTER_READ);
@@ -173,21 +181,8 @@ async fn an_order_taking_a_buyers_seq_twice_goes_to_the_dead_letter_stream_not_s
 
     // A second order for buyer 5's first unit, under another order id (what a
     // state rebuilt wrongly would let the script write).
+    append_order(&app, id, "00000000-0000-7000-8000-000000000001", id, 5, 1).await;
     let mut conn = app.redis.clone();
-    let _: String = redis::cmd("XADD")
-        .arg(app.keys.promotion(id).orders)
-        .arg("*")
-        .arg(&[
-            ("order_id", "00000000-0000-7000-8000-000000000001"),
-            ("promotion_id", &id.to_string()),
-            ("user_id", "5"),
-            ("seq", "1"),
-            ("price_cents", "99900"),
-            ("created_ms", "1700000000000"),
-        ])
-        .query_async(&mut conn)
-        .await
-        .unwrap();
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let dead = loop {
@@ -578,21 +573,16 @@ async fn an_edit_whose_preheat_fails_keeps_the_old_values_in_both_stores() {
 async fn an_order_of_a_promotion_postgres_does_not_know_is_dead_lettered_not_retried_forever() {
     let app = spawn_app_with(Role::Serve, |_| {}).await;
     let id = app.active_promotion(10, 1).await;
+    append_order(
+        &app,
+        id,
+        "00000000-0000-7000-8000-0000000000ff",
+        987654,
+        5,
+        1,
+    )
+    .await;
     let mut conn = app.redis.clone();
-    let _: String = redis::cmd("XADD")
-        .arg(app.keys.promotion(id).orders)
-        .arg("*")
-        .arg(&[
-            ("order_id", "00000000-0000-7000-8000-0000000000ff"),
-            ("promotion_id", "987654"),
-            ("user_id", "5"),
-            ("seq", "1"),
-            ("price_cents", "1"),
-            ("created_ms", "1700000000000"),
-        ])
-        .query_async(&mut conn)
-        .await
-        .unwrap();
     // A good order behind it is not held up.
     let good = app.buy(id, 1).await;
     assert_eq!(app.wait_for_rows(id, 1, Duration::from_secs(20)).await, 1);
@@ -735,7 +725,7 @@ async fn a_promotion_redis_lost_but_postgres_knows_is_503_with_retry_after_not_4
     let app = spawn_app_with(Role::GatewayOnly, |_| {}).await;
     let id = app.active_promotion(10, 1).await;
     // Redis loses it before this gateway ever cached its meta.
-    lose_promotion(&app, id).await;
+    app.lose_promotion(id).await;
     let res = app
         .client
         .post(app.url(&format!("/api/promotions/{id}/purchase")))
@@ -856,23 +846,10 @@ async fn recovery_of_tens_of_thousands_of_orders_rebuilds_exact_counts_chunk_by_
     .unwrap();
     // Redis loses the sale state; the stream it rebuilds from still holds one
     // order PostgreSQL has and two it does not (a new buyer's).
-    lose_promotion(&app, id).await;
+    app.lose_promotion(id).await;
     let mut conn = app.redis.clone();
     for (order, user, seq) in [("o-29999", 15000, 1), ("s-1", 20001, 1), ("s-2", 20001, 2)] {
-        let _: String = redis::cmd("XADD")
-            .arg(app.keys.promotion(id).orders)
-            .arg("*")
-            .arg(&[
-                ("order_id", order),
-                ("promotion_id", &id.to_string()),
-                ("user_id", &user.to_string()),
-                ("seq", &seq.to_string()),
-                ("price_cents", "100"),
-                ("created_ms", "1700000000000"),
-            ])
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+        append_order(&app, id, order, id, user, seq).await;
     }
     let r = recovery::recover(&app.db, &store(&app), Some(id))
         .await
