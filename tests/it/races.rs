@@ -955,3 +955,49 @@ async fn gateways_with_skewed_clocks_refuse_no_one_early_the_window_is_redis_s()
         assert_eq!(buy(g, later, 3).await, StatusCode::FORBIDDEN);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_buyer_answered_503_after_a_lost_reply_learns_the_truth_from_result() {
+    let redis = RedisProc::start(false).await;
+    let mut settings = test_settings();
+    settings.redis_url = redis.url();
+    settings.redis_timeout = Duration::from_millis(300);
+    let app = spawn_with_settings(Role::Serve, settings).await;
+    let id = app.active_promotion(10, 1).await;
+    app.buy(id, 1).await;
+    let mut admin = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    // The script runs only after the gateway gave up waiting for its reply.
+    let _: () = redis::cmd("CLIENT")
+        .arg(&["PAUSE", "20000", "WRITE"])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let (status, body) = app.purchase(id, 2).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    let _: () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    wait_ready(&app).await;
+
+    // The unit was taken after all: /result says so, with the order id.
+    let res = app
+        .client
+        .get(app.url(&format!("/api/promotions/{id}/result")))
+        .bearer_auth(crate::helpers::user_token(2))
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = crate::helpers::read(res).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_ne!(body["status"], "none", "{body}");
+    let order = body["order_id"].as_str().expect("an order id").to_string();
+    assert_eq!(app.wait_for_rows(id, 2, Duration::from_secs(20)).await, 2);
+    assert!(app.order_status(&order).await.is_some());
+    assert_eq!(app.stats(id).await["remaining"], 8);
+}
