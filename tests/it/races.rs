@@ -438,6 +438,48 @@ async fn reconcile_still_reports_a_lost_order_and_a_unit_marked_returned_but_not
     );
 }
 
+/// A gateway on a Redis of its own (so the test may pause it), and a
+/// connection of the test's to that Redis.
+async fn app_on_private_redis(
+    role: Role,
+    aof: bool,
+    tweak: impl FnOnce(&mut seckill::config::Settings),
+) -> (TestApp, RedisProc, redis::aio::MultiplexedConnection) {
+    let redis = RedisProc::start(aof).await;
+    let mut settings = test_settings();
+    settings.redis_url = redis.url();
+    tweak(&mut settings);
+    let app = spawn_with_settings(role, settings).await;
+    let admin = private_connection(&redis).await;
+    (app, redis, admin)
+}
+
+async fn private_connection(redis: &RedisProc) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// `CLIENT PAUSE … WRITE`: Redis holds every write (scripts included) until
+/// [`resume`].
+async fn pause_writes(admin: &mut redis::aio::MultiplexedConnection) {
+    let _: () = redis::cmd("CLIENT")
+        .arg(&["PAUSE", "20000", "WRITE"])
+        .query_async(admin)
+        .await
+        .unwrap();
+}
+
+async fn resume(admin: &mut redis::aio::MultiplexedConnection) {
+    let _: () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async(admin)
+        .await
+        .unwrap();
+}
+
 /// Waits until the gateway's own Redis connection answers again (`/ready`
 /// goes through it, after every command queued on it).
 async fn wait_ready(app: &TestApp) {
@@ -454,25 +496,15 @@ async fn wait_ready(app: &TestApp) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_create_whose_preheat_reply_is_lost_leaves_the_promotion_in_neither_store() {
-    let redis = RedisProc::start(false).await;
-    let mut settings = test_settings();
-    settings.redis_url = redis.url();
-    settings.redis_timeout = Duration::from_millis(300);
-    let app = spawn_with_settings(Role::GatewayOnly, settings).await;
+    let (app, _redis, mut admin) = app_on_private_redis(Role::GatewayOnly, false, |s| {
+        s.redis_timeout = Duration::from_millis(300);
+    })
+    .await;
     let first = app.active_promotion(10, 1).await;
 
     // Redis holds every write: the preheat runs only after the gateway gave
     // up waiting for its reply.
-    let mut admin = redis::Client::open(redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
-    let _: () = redis::cmd("CLIENT")
-        .arg(&["PAUSE", "20000", "WRITE"])
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    pause_writes(&mut admin).await;
     let (status, body) = app
         .admin(
             reqwest::Method::POST,
@@ -481,11 +513,7 @@ async fn a_create_whose_preheat_reply_is_lost_leaves_the_promotion_in_neither_st
         )
         .await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    let _: () = redis::cmd("CLIENT")
-        .arg("UNPAUSE")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    resume(&mut admin).await;
     wait_ready(&app).await;
 
     let lost = first + 1;
@@ -513,21 +541,13 @@ async fn a_create_whose_preheat_reply_is_lost_leaves_the_promotion_in_neither_st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_edit_whose_preheat_fails_keeps_the_old_values_in_both_stores() {
-    let mut redis = RedisProc::start(true).await;
-    let mut admin = redis::Client::open(redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let (app, mut redis, mut admin) = app_on_private_redis(Role::GatewayOnly, true, |_| {}).await;
     // Every write reaches the AOF before its reply: kill -9 loses nothing.
     let _: () = redis::cmd("CONFIG")
         .arg(&["SET", "appendfsync", "always"])
         .query_async(&mut admin)
         .await
         .unwrap();
-    let mut settings = test_settings();
-    settings.redis_url = redis.url();
-    let app = spawn_with_settings(Role::GatewayOnly, settings).await;
     let mut body = crate::helpers::active_body(10, 1);
     let now = chrono::Utc::now();
     body["starts_at"] = crate::helpers::rfc3339(now + chrono::Duration::hours(1)).into();
@@ -545,6 +565,7 @@ async fn an_edit_whose_preheat_fails_keeps_the_old_values_in_both_stores() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     redis.restart().await;
     wait_ready(&app).await;
+    let mut admin = private_connection(&redis).await;
 
     let (status, body) = app
         .admin(
@@ -555,11 +576,6 @@ async fn an_edit_whose_preheat_fails_keeps_the_old_values_in_both_stores() {
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["stock"], 10, "PostgreSQL keeps the old stock: {body}");
-    let mut admin = redis::Client::open(redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
     let in_redis: i64 = redis::cmd("HGET")
         .arg(app.keys.promotion(id).meta)
         .arg("stock")
@@ -609,26 +625,16 @@ async fn an_order_of_a_promotion_postgres_does_not_know_is_dead_lettered_not_ret
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn on_shutdown_the_workers_persist_every_purchase_answered_while_http_drained() {
-    let redis = RedisProc::start(false).await;
-    let mut settings = test_settings();
-    settings.redis_url = redis.url();
-    settings.redis_timeout = Duration::from_secs(20);
-    settings.worker_block = Duration::from_millis(50);
-    let mut app = spawn_with_settings(Role::Serve, settings).await;
+    let (mut app, _redis, mut admin) = app_on_private_redis(Role::Serve, false, |s| {
+        s.redis_timeout = Duration::from_secs(20);
+        s.worker_block = Duration::from_millis(50);
+    })
+    .await;
     let id = app.active_promotion(1_000, 1).await;
     app.buy(id, 1).await;
-    let mut admin = redis::Client::open(redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
 
     // Purchases are held in Redis, in flight, when the stop comes.
-    let _: () = redis::cmd("CLIENT")
-        .arg(&["PAUSE", "20000", "WRITE"])
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    pause_writes(&mut admin).await;
     let buying: Vec<_> = (2..=41)
         .map(|user| {
             let (client, url) = (
@@ -675,11 +681,7 @@ async fn on_shutdown_the_workers_persist_every_purchase_answered_while_http_drai
         while tokio::net::TcpStream::connect(addr).await.is_ok() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let _: () = redis::cmd("CLIENT")
-            .arg("UNPAUSE")
-            .query_async(&mut admin)
-            .await
-            .unwrap();
+        resume(&mut admin).await;
     };
     tokio::join!(stopping, release);
     let mut answered = 1;
@@ -958,31 +960,17 @@ async fn gateways_with_skewed_clocks_refuse_no_one_early_the_window_is_redis_s()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_buyer_answered_503_after_a_lost_reply_learns_the_truth_from_result() {
-    let redis = RedisProc::start(false).await;
-    let mut settings = test_settings();
-    settings.redis_url = redis.url();
-    settings.redis_timeout = Duration::from_millis(300);
-    let app = spawn_with_settings(Role::Serve, settings).await;
+    let (app, _redis, mut admin) = app_on_private_redis(Role::Serve, false, |s| {
+        s.redis_timeout = Duration::from_millis(300);
+    })
+    .await;
     let id = app.active_promotion(10, 1).await;
     app.buy(id, 1).await;
-    let mut admin = redis::Client::open(redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
     // The script runs only after the gateway gave up waiting for its reply.
-    let _: () = redis::cmd("CLIENT")
-        .arg(&["PAUSE", "20000", "WRITE"])
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    pause_writes(&mut admin).await;
     let (status, body) = app.purchase(id, 2).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
-    let _: () = redis::cmd("CLIENT")
-        .arg("UNPAUSE")
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    resume(&mut admin).await;
     wait_ready(&app).await;
 
     // The unit was taken after all: /result says so, with the order id.
