@@ -13,6 +13,7 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::accounts::Accounts;
 use crate::admission::AdmissionTokens;
 use crate::auth::Auth;
 use crate::config::Settings;
@@ -127,6 +128,7 @@ impl App {
                 store: store.clone(),
                 payment_timeout: settings.payment_timeout,
             },
+            accounts: Accounts::new(db.clone()),
             promotions: Promotions {
                 db: db.clone(),
                 store: store.clone(),
@@ -143,7 +145,8 @@ impl App {
                 settings.rate_ip,
                 settings.trusted_proxies.clone(),
             )
-            .with_admin_failures(settings.rate_admin_failures),
+            .with_admin_failures(settings.rate_admin_failures)
+            .with_login_failures(settings.rate_login_failures),
             tokens: AdmissionTokens::new(&settings.token_secret),
             connections: Arc::new(Semaphore::new(settings.max_connections)),
             ops_only: role == Role::WorkersOnly,

@@ -94,6 +94,18 @@ const DEFAULT_RATE_IP: u32 = 200;
 const ENV_RATE_ADMIN_FAILURES: &str = "SECKILL_RATE_ADMIN_FAILURES";
 const DEFAULT_RATE_ADMIN_FAILURES: u32 = 60;
 
+/// Failed logins a minute per client address and per account name, with a
+/// burst of the same size (0: no limit); once either is spent, logins from
+/// that address or for that account are `429` until it refills. A person
+/// mistypes a password a few times; a guessing script gets ten a minute.
+const ENV_RATE_LOGIN_FAILURES: &str = "SECKILL_RATE_LOGIN_FAILURES";
+const DEFAULT_RATE_LOGIN_FAILURES: u32 = 10;
+
+/// Lifetime of the JWT `POST /api/login` issues (capped by
+/// `SECKILL_JWT_MAX_LIFETIME_SECS` when that is set): a sale session.
+const ENV_LOGIN_TTL_SECS: &str = "SECKILL_LOGIN_TTL_SECS";
+const DEFAULT_LOGIN_TTL_SECS: u64 = 3600;
+
 /// Peers whose `X-Forwarded-For` / `X-Real-IP` are believed: addresses or
 /// CIDR blocks, comma-separated. Loopback, where nginx usually runs.
 const ENV_TRUSTED_PROXIES: &str = "SECKILL_TRUSTED_PROXIES";
@@ -235,6 +247,8 @@ pub struct Settings {
     pub rate_user: u32,
     pub rate_ip: u32,
     pub rate_admin_failures: u32,
+    pub rate_login_failures: u32,
+    pub login_ttl: Duration,
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub max_connections: usize,
     pub token_ttl: Duration,
@@ -430,6 +444,8 @@ impl Settings {
             rate_user: r.parse(ENV_RATE_USER, DEFAULT_RATE_USER),
             rate_ip: r.parse(ENV_RATE_IP, DEFAULT_RATE_IP),
             rate_admin_failures: r.parse(ENV_RATE_ADMIN_FAILURES, DEFAULT_RATE_ADMIN_FAILURES),
+            rate_login_failures: r.parse(ENV_RATE_LOGIN_FAILURES, DEFAULT_RATE_LOGIN_FAILURES),
+            login_ttl: r.secs(ENV_LOGIN_TTL_SECS, DEFAULT_LOGIN_TTL_SECS),
             trusted_proxies,
             max_connections: r.parse(ENV_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS),
             token_ttl: r.secs(ENV_TOKEN_TTL_SECS, DEFAULT_TOKEN_TTL_SECS),
@@ -535,6 +551,7 @@ impl Settings {
             (self.max_connections > 0, ENV_MAX_CONNECTIONS),
             (self.token_cap_multiple > 0, ENV_TOKEN_CAP_MULTIPLE),
             (!self.token_ttl.is_zero(), ENV_TOKEN_TTL_SECS),
+            (!self.login_ttl.is_zero(), ENV_LOGIN_TTL_SECS),
             (!self.captcha_ttl.is_zero(), ENV_CAPTCHA_TTL_SECS),
             (!self.redis_timeout.is_zero(), ENV_REDIS_TIMEOUT_MS),
             (self.purchase_batch > 0, ENV_PURCHASE_BATCH),

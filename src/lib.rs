@@ -14,6 +14,7 @@
 //! - [`http`]: the hyper server, routing, the shared handler state, the
 //!   handlers, and the one mapping of outcomes to statuses.
 //! - [`recovery`]: rebuilding Redis from PostgreSQL; reconciling the two.
+//! - [`accounts`]: registered buyers, their Argon2id passwords, login.
 //! - [`promotions`]: the promotion record and table, the admin workflows,
 //!   the local cache and its invalidation listener.
 //! - [`orders`]: the stream workers, the order lifecycle, the `orders` table.
@@ -28,6 +29,7 @@
 //! - [`checkpoint`]: pause points where tests force an interleaving.
 //! - [`telemetry`]: logging and metrics.
 
+pub mod accounts;
 pub mod admission;
 pub mod app;
 pub mod auth;

@@ -40,7 +40,9 @@ pub struct Limits {
     /// budget is spent, every admin request from it is refused, the right
     /// token included: a guess that passed would otherwise stand out among
     /// the refusals. Pruned like `per_user`.
-    admin_failures: Option<FailureBudget>,
+    admin_failures: Option<FailureBudget<IpAddr>>,
+    /// Failed logins, per client address and per account name.
+    login_failures: Option<(FailureBudget<IpAddr>, FailureBudget<String>)>,
     trusted_proxies: Vec<IpNet>,
     clock: DefaultClock,
 }
@@ -48,16 +50,16 @@ pub struct Limits {
 /// A GCRA budget of failures per key: `burst` failures at once, then one per
 /// `interval`. Unlike governor's limiters it can be asked whether a key is
 /// blocked without spending anything, because a success must not cost.
-struct FailureBudget {
+struct FailureBudget<K> {
     interval: Duration,
     /// `interval` × the burst: how far ahead of now the theoretical arrival
     /// time may run.
     window: Duration,
     /// The theoretical arrival time of each key's next failure.
-    tat: Mutex<HashMap<IpAddr, Instant>>,
+    tat: Mutex<HashMap<K, Instant>>,
 }
 
-impl FailureBudget {
+impl<K: std::hash::Hash + Eq> FailureBudget<K> {
     /// `per_minute` failures a minute, with a burst of the same size.
     fn per_minute(per_minute: u32) -> Option<Self> {
         let n = NonZeroU32::new(per_minute)?;
@@ -69,24 +71,51 @@ impl FailureBudget {
         })
     }
 
-    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Instant>> {
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<K, Instant>> {
         self.tat
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// How long `key` stays blocked, if its budget is spent.
-    fn blocked(&self, key: IpAddr, now: Instant) -> Option<Duration> {
-        let tat = *self.entries().get(&key)?;
+    fn blocked(&self, key: &K, now: Instant) -> Option<Duration> {
+        let tat = *self.entries().get(key)?;
         let ahead = tat.max(now) + self.interval - now;
         ahead.checked_sub(self.window).filter(|d| !d.is_zero())
     }
 
     /// Spends one failure of `key`'s budget.
-    fn record(&self, key: IpAddr, now: Instant) {
+    fn record(&self, key: K, now: Instant) {
         let mut entries = self.entries();
         let tat = entries.entry(key).or_insert(now);
         *tat = (*tat).max(now) + self.interval;
+    }
+
+    /// Spends one failure of `key`'s budget ahead of time, unless it is
+    /// spent already (then how long it stays blocked). A success gives it
+    /// back with [`FailureBudget::refund`], so concurrent attempts cannot
+    /// all pass the check before any of them has failed.
+    fn reserve(&self, key: K, now: Instant) -> Result<(), Duration> {
+        let mut entries = self.entries();
+        let tat = entries.entry(key).or_insert(now);
+        let next = (*tat).max(now) + self.interval;
+        match (next - now)
+            .checked_sub(self.window)
+            .filter(|d| !d.is_zero())
+        {
+            Some(wait) => Err(wait),
+            None => {
+                *tat = next;
+                Ok(())
+            }
+        }
+    }
+
+    /// Gives back a failure reserved for an attempt that succeeded.
+    fn refund(&self, key: &K) {
+        if let Some(tat) = self.entries().get_mut(key) {
+            *tat = tat.checked_sub(self.interval).unwrap_or(*tat);
+        }
     }
 
     /// Forgets keys whose budget is whole again.
@@ -113,6 +142,7 @@ impl Limits {
             per_user: quota(per_user).map(RateLimiter::keyed),
             per_ip: quota(per_ip).map(RateLimiter::keyed),
             admin_failures: None,
+            login_failures: None,
             trusted_proxies,
             clock: DefaultClock::default(),
         }
@@ -123,6 +153,41 @@ impl Limits {
     pub fn with_admin_failures(mut self, per_minute: u32) -> Self {
         self.admin_failures = FailureBudget::per_minute(per_minute);
         self
+    }
+
+    /// Limits failed logins to `per_minute` per client IP and per account
+    /// name, each with a burst of the same size (0: no limit).
+    pub fn with_login_failures(mut self, per_minute: u32) -> Self {
+        self.login_failures =
+            FailureBudget::per_minute(per_minute).zip(FailureBudget::per_minute(per_minute));
+        self
+    }
+
+    /// Reserves one failed login from `ip` for `username` before the
+    /// password is checked; refused while either budget is spent. Give it
+    /// back with [`Limits::login_succeeded`] when the password was right.
+    pub fn reserve_login(&self, ip: IpAddr, username: &str) -> Result<(), RateLimited> {
+        let Some((by_ip, by_name)) = &self.login_failures else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        by_ip
+            .reserve(canonical(ip), now)
+            .map_err(|wait| self.refused("login", wait))?;
+        if let Err(wait) = by_name.reserve(username.to_string(), now) {
+            by_ip.refund(&canonical(ip));
+            return Err(self.refused("login", wait));
+        }
+        Ok(())
+    }
+
+    /// A login reserved with [`Limits::reserve_login`] succeeded: it costs
+    /// nothing.
+    pub fn login_succeeded(&self, ip: IpAddr, username: &str) {
+        if let Some((by_ip, by_name)) = &self.login_failures {
+            by_ip.refund(&canonical(ip));
+            by_name.refund(&username.to_string());
+        }
     }
 
     fn refused(&self, limit: &'static str, wait: Duration) -> RateLimited {
@@ -165,7 +230,7 @@ impl Limits {
     /// admin authentications is spent.
     pub fn check_admin(&self, ip: IpAddr) -> Result<(), RateLimited> {
         match &self.admin_failures {
-            Some(budget) => match budget.blocked(canonical(ip), Instant::now()) {
+            Some(budget) => match budget.blocked(&canonical(ip), Instant::now()) {
                 Some(wait) => Err(self.refused("admin", wait)),
                 None => Ok(()),
             },
@@ -223,8 +288,13 @@ impl Limits {
             l.retain_recent();
             l.shrink_to_fit();
         }
+        let now = Instant::now();
         if let Some(b) = &self.admin_failures {
-            b.prune(Instant::now());
+            b.prune(now);
+        }
+        if let Some((by_ip, by_name)) = &self.login_failures {
+            by_ip.prune(now);
+            by_name.prune(now);
         }
     }
 
@@ -329,18 +399,18 @@ mod tests {
         let t0 = Instant::now();
         // Asking costs nothing.
         for _ in 0..10 {
-            assert_eq!(budget.blocked(a, t0), None);
+            assert_eq!(budget.blocked(&a, t0), None);
         }
         for _ in 0..3 {
-            assert_eq!(budget.blocked(a, t0), None);
+            assert_eq!(budget.blocked(&a, t0), None);
             budget.record(a, t0);
         }
         // The budget is spent: blocked until one failure's worth (20 s) is back.
-        let wait = budget.blocked(a, t0).expect("blocked after 3 failures");
+        let wait = budget.blocked(&a, t0).expect("blocked after 3 failures");
         assert_eq!(wait, Duration::from_secs(20));
-        assert_eq!(budget.blocked(b, t0), None, "another address is not");
-        assert!(budget.blocked(a, t0 + Duration::from_secs(19)).is_some());
-        assert_eq!(budget.blocked(a, t0 + Duration::from_secs(20)), None);
+        assert_eq!(budget.blocked(&b, t0), None, "another address is not");
+        assert!(budget.blocked(&a, t0 + Duration::from_secs(19)).is_some());
+        assert_eq!(budget.blocked(&a, t0 + Duration::from_secs(20)), None);
         // Pruning keeps it while it still counts, forgets it once whole.
         budget.prune(t0 + Duration::from_secs(59));
         assert_eq!(budget.len(), 1);

@@ -20,6 +20,16 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum UserCommand {
+    /// Create an account; the password is read from standard input (its
+    /// first line).
+    Add {
+        #[arg(long)]
+        username: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Run the gateway, with the order workers in the same process.
     Serve {
@@ -58,6 +68,11 @@ enum Command {
     },
     /// Print each Lua script's name, SHA and KEYS/ARGV contract.
     Scripts,
+    /// Manage buyer accounts.
+    User {
+        #[command(subcommand)]
+        action: UserCommand,
+    },
     /// Compare Redis and PostgreSQL for each promotion; exit 1 on drift.
     Reconcile {
         #[arg(long)]
@@ -152,6 +167,23 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 writeln!(out, "{user},{}", auth.mint(user, ttl)?)?;
             }
             out.flush()?;
+        }
+        Command::User {
+            action: UserCommand::Add { username },
+        } => {
+            let mut password = String::new();
+            std::io::stdin()
+                .read_line(&mut password)
+                .context("failed to read the password from standard input")?;
+            let password = password.trim_end_matches(['\r', '\n']);
+            let db = seckill::db::connect(&settings.database_url, 2).await?;
+            seckill::db::migrate(&db).await?;
+            let accounts = seckill::accounts::Accounts::new(db);
+            let id = accounts
+                .register(&username, password)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!("{id}");
         }
         Command::Scripts => {
             if let Some(dir) = &settings.lua_dir {

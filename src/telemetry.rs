@@ -141,7 +141,7 @@ const GAUGES: &[(&str, &str)] = &[
 ];
 
 /// The `limit` labels of `seckill_rate_limited_total`.
-const RATE_LIMITS: &[&str] = &["global", "user", "ip", "admin"];
+const RATE_LIMITS: &[&str] = &["global", "user", "ip", "admin", "login"];
 
 /// The statuses every route starts with a zero series of: its success and
 /// the two 5xx the alerts watch.

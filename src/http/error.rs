@@ -16,6 +16,7 @@ use hyper::header::{CONNECTION, HeaderValue, RETRY_AFTER};
 use serde::Serialize;
 
 use super::{Response, json};
+use crate::accounts::AccountError;
 use crate::auth::AuthError;
 use crate::limit::RateLimited;
 use crate::orders::lifecycle::Transition;
@@ -49,6 +50,8 @@ pub enum Code {
     OrderPending,
     PromotionStarted,
     PromotionHasOrders,
+    UsernameTaken,
+    InvalidCredentials,
     Unavailable,
     Internal,
 }
@@ -76,6 +79,8 @@ impl Code {
             Code::OrderPending => "order_pending",
             Code::PromotionStarted => "promotion_started",
             Code::PromotionHasOrders => "promotion_has_orders",
+            Code::UsernameTaken => "username_taken",
+            Code::InvalidCredentials => "invalid_credentials",
             Code::Unavailable => "unavailable",
             Code::Internal => "internal",
         }
@@ -84,7 +89,7 @@ impl Code {
     pub fn status(self) -> StatusCode {
         match self {
             Code::InvalidRequest | Code::InvalidId => StatusCode::BAD_REQUEST,
-            Code::Unauthorized => StatusCode::UNAUTHORIZED,
+            Code::Unauthorized | Code::InvalidCredentials => StatusCode::UNAUTHORIZED,
             Code::NotStarted | Code::Ended | Code::InvalidToken | Code::InvalidCaptcha => {
                 StatusCode::FORBIDDEN
             }
@@ -96,7 +101,8 @@ impl Code {
             | Code::OrderPaid
             | Code::OrderPending
             | Code::PromotionStarted
-            | Code::PromotionHasOrders => StatusCode::CONFLICT,
+            | Code::PromotionHasOrders
+            | Code::UsernameTaken => StatusCode::CONFLICT,
             Code::SoldOut => StatusCode::GONE,
             Code::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Code::RateLimited => StatusCode::TOO_MANY_REQUESTS,
@@ -357,6 +363,23 @@ impl From<PromotionError> for ApiError {
             PromotionError::Invalid(e) => e.into(),
             PromotionError::Refused(r) => r.into(),
             PromotionError::Failed(e) => e.into(),
+        }
+    }
+}
+
+impl From<AccountError> for ApiError {
+    fn from(e: AccountError) -> Self {
+        match e {
+            AccountError::Invalid(message) => ApiError::invalid_request(message),
+            AccountError::UsernameTaken => {
+                ApiError::new(Code::UsernameTaken, "this username is taken")
+            }
+            AccountError::InvalidCredentials => ApiError::new(
+                Code::InvalidCredentials,
+                "the username or the password is wrong",
+            ),
+            AccountError::Busy => ApiError::unavailable("too many logins at once"),
+            AccountError::Failed(e) => e.into(),
         }
     }
 }

@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use hyper::header::{ALLOW, HeaderValue};
 use tracing::Instrument;
 
-use super::handlers::{admin, admission, ops, orders, public, purchase};
+use super::handlers::{accounts, admin, admission, ops, orders, public, purchase};
 use super::request::{self, Request};
 use super::state::AppState;
 use super::{ApiError, Response};
@@ -35,11 +35,13 @@ pub enum Route {
     OrderCancel,
     Token,
     Captcha,
+    Register,
+    Login,
 }
 
 impl Route {
     /// Every route.
-    pub const ALL: [Route; 14] = [
+    pub const ALL: [Route; 16] = [
         Route::Health,
         Route::Ready,
         Route::Metrics,
@@ -54,6 +56,8 @@ impl Route {
         Route::OrderCancel,
         Route::Token,
         Route::Captcha,
+        Route::Register,
+        Route::Login,
     ];
 
     /// A short label for metrics and logs.
@@ -73,6 +77,8 @@ impl Route {
             Route::OrderCancel => "order_cancel",
             Route::Token => "token",
             Route::Captcha => "captcha",
+            Route::Register => "register",
+            Route::Login => "login",
         }
     }
 
@@ -80,7 +86,12 @@ impl Route {
         match self {
             Route::AdminPromotions => "GET, POST",
             Route::AdminPromotion => "GET, PUT, DELETE",
-            Route::Purchase | Route::OrderPay | Route::OrderCancel | Route::Token => "POST",
+            Route::Purchase
+            | Route::OrderPay
+            | Route::OrderCancel
+            | Route::Token
+            | Route::Register
+            | Route::Login => "POST",
             _ => "GET",
         }
     }
@@ -115,6 +126,8 @@ static ROUTES: LazyLock<matchit::Router<Route>> = LazyLock::new(|| {
         ("/api/promotions/{id}/token", Route::Token),
         ("/api/promotions/{id}/captcha", Route::Captcha),
         ("/api/orders", Route::Orders),
+        ("/api/register", Route::Register),
+        ("/api/login", Route::Login),
         ("/api/orders/{id}/pay", Route::OrderPay),
         ("/api/orders/{id}/cancel", Route::OrderCancel),
     ];
@@ -222,6 +235,8 @@ async fn dispatch(
         (Route::OrderCancel, Method::POST) => Box::pin(orders::cancel(req)),
         (Route::Token, Method::POST) => Box::pin(admission::token(req)),
         (Route::Captcha, Method::GET) => Box::pin(admission::captcha(req)),
+        (Route::Register, Method::POST) => Box::pin(accounts::register(req)),
+        (Route::Login, Method::POST) => Box::pin(accounts::login(req)),
         _ => {
             let mut res = ApiError::method_not_allowed().into_response();
             res.headers_mut()

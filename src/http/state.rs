@@ -6,6 +6,7 @@ use std::sync::Arc;
 use sqlx::PgPool;
 use tokio::sync::Semaphore;
 
+use crate::accounts::Accounts;
 use crate::admission::AdmissionTokens;
 use crate::auth::Auth;
 use crate::config::Settings;
@@ -38,6 +39,7 @@ pub struct AppState {
     pub purchases: Arc<Coalescer>,
     pub lifecycle: Lifecycle,
     pub promotions: Promotions,
+    pub accounts: Accounts,
     pub limits: Limits,
     pub tokens: AdmissionTokens,
     /// Client connections served at once; the accept loop waits for a permit.

@@ -5,6 +5,7 @@
 mod helpers;
 mod procs;
 
+mod accounts;
 mod admin;
 mod compose;
 mod docs;

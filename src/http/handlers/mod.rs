@@ -2,6 +2,7 @@
 //! [`Request`](super::request::Request) and returns a response or an
 //! [`ApiError`](super::ApiError).
 
+pub mod accounts;
 pub mod admin;
 pub mod admission;
 pub mod ops;
