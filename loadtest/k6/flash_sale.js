@@ -18,6 +18,15 @@
 //   RECLICK        1: every buyer who got a 200 clicks "buy" again at once
 //                  and must not get a second unit                [1]
 //   PRE_VUS, MAX_VUS  VUs k6 keeps ready / may add             [100, 2000]
+//   LOGIN          1: each buyer registers an account (POST /api/register,
+//                  username k6-<RUN>-<index>) and logs in (POST /api/login)
+//                  for the JWT it buys with, instead of signing its own; off
+//                  by default so the purchase-only figures stay comparable.
+//                  Each account costs the gateway an Argon2id hash to create
+//                  and one to log in (tens of ms of one core each; past what
+//                  the cores hash, logins are 503 by design): keep the rate
+//                  modest, e.g. USERS=150 DURATION=10s        [0]
+//   RUN            a name for this run's accounts (LOGIN=1)   [the start time]
 //   LOG_ORDERS     1: log "ORDER <user> <order_id>" for each 200, so a script
 //                  can check each one against PostgreSQL (k6 run
 //                  --console-output=FILE)                       [0]
@@ -42,6 +51,8 @@
 //                                    a JWT this script signs, 429 rate limits).
 //   http_req_failed    rate<0.01     the catch-all over every request, teardown's
 //                                    included (expected: 200, 409, 410).
+//   login_failures     count==0      LOGIN=1: every registration and login
+//                                    succeeded.
 //   stats_mismatch     count==0      teardown: the gateway's own count agrees,
 //                                    sold == STOCK and remaining == 0 in Redis.
 // purchase_latency (ms, every first click) has no threshold: speed is reported,
@@ -65,11 +76,13 @@ const JWT_SECRET = __ENV.JWT_SECRET || '';
 const ADMIN_TOKEN = __ENV.ADMIN_TOKEN || '';
 const RECLICK = (__ENV.RECLICK || '1') !== '0';
 const LOG_ORDERS = (__ENV.LOG_ORDERS || '0') !== '0';
+const LOGIN = (__ENV.LOGIN || '0') !== '0';
+const RUN = __ENV.RUN || String(Date.now());
 const PRE_VUS = intEnv('PRE_VUS', 100);
 const MAX_VUS = intEnv('MAX_VUS', 2000);
 
 if (!PROMOTION_ID) throw new Error('PROMOTION_ID is required');
-if (!JWT_SECRET) throw new Error('JWT_SECRET is required (the gateway\'s SECKILL_JWT_SECRET)');
+if (!JWT_SECRET && !LOGIN) throw new Error('JWT_SECRET is required (the gateway\'s SECKILL_JWT_SECRET), or LOGIN=1');
 if (USERS < 1) throw new Error('USERS must be at least 1');
 
 // Arrivals = peak x (RAMP/2 + (1 - RAMP)) x DURATION; 3% spare so that all
@@ -89,6 +102,7 @@ const unexpectedStatus = new Counter('unexpected_status');
 const buyers = new Counter('buyers');
 const purchaseRequests = new Counter('purchase_requests');
 const statsMismatch = new Counter('stats_mismatch');
+const loginFailures = new Counter('login_failures');
 const purchaseLatency = new Trend('purchase_latency', true);
 
 export const options = {
@@ -115,6 +129,7 @@ export const options = {
     unexpected_status: ['count==0'],
     http_req_failed: ['rate<0.01'],
     stats_mismatch: ['count==0'],
+    login_failures: ['count==0'],
   },
   summaryTrendStats: ['avg', 'min', 'med', 'p(90)', 'p(95)', 'p(99)', 'max'],
   // Buyers are distinct people: no keep-alive sharing across VUs is assumed,
@@ -125,7 +140,7 @@ export const options = {
 };
 
 // Statuses that are answers, not failures, for http_req_failed.
-http.setResponseCallback(http.expectedStatuses(200, 409, 410));
+http.setResponseCallback(http.expectedStatuses(200, 201, 409, 410));
 
 const JWT_HEADER = encoding.b64encode(JSON.stringify({ alg: 'HS256', typ: 'JWT' }), 'rawurl');
 
@@ -137,6 +152,24 @@ export function jwt(userId) {
 }
 
 const PURCHASE_URL = `${BASE_URL}/api/promotions/${PROMOTION_ID}/purchase`;
+const JSON_HEADERS = { 'Content-Type': 'application/json' };
+
+// LOGIN=1: a buyer's account, registered and logged in: its JWT and user id,
+// or null.
+function login(index) {
+  const body = JSON.stringify({ username: `k6-${RUN}-${index}`, password: `k6-password-${index}` });
+  const reg = http.post(`${BASE_URL}/api/register`, body, { headers: JSON_HEADERS, tags: { name: 'register' } });
+  if (reg.status !== 201 && reg.status !== 409) {
+    loginFailures.add(1, { step: 'register', status: String(reg.status) });
+    return null;
+  }
+  const res = http.post(`${BASE_URL}/api/login`, body, { headers: JSON_HEADERS, tags: { name: 'login' } });
+  if (res.status !== 200) {
+    loginFailures.add(1, { step: 'login', status: String(res.status) });
+    return null;
+  }
+  return { token: res.json('token'), userId: res.json('user_id') };
+}
 
 function purchase(token, click) {
   const res = http.post(PURCHASE_URL, '{}', {
@@ -165,7 +198,7 @@ function purchase(token, click) {
 export function setup() {
   // Every counter gets a zero sample, so each threshold has data to judge.
   for (const c of [purchasesOk, soldOut, alreadyPurchased, doubleBuys, serverErrors, unavailable,
-    transportErrors, unexpectedStatus, buyers, purchaseRequests, statsMismatch]) {
+    transportErrors, unexpectedStatus, buyers, purchaseRequests, statsMismatch, loginFailures]) {
     c.add(0);
   }
   const res = http.get(`${BASE_URL}/api/promotions/${PROMOTION_ID}`);
@@ -180,8 +213,10 @@ export function setup() {
 export function buy() {
   const index = exec.scenario.iterationInTest;
   if (index >= USERS) return;
-  const userId = FIRST_USER + index;
-  const token = jwt(userId);
+  const account = LOGIN ? login(index) : { userId: FIRST_USER + index };
+  if (!account) return;
+  const userId = account.userId;
+  const token = LOGIN ? account.token : jwt(userId);
   buyers.add(1);
 
   const res = purchase(token, 'first');
