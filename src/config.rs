@@ -120,9 +120,12 @@ const ENV_TOKEN_SECRET: &str = "SECKILL_TOKEN_SECRET";
 const ENV_CAPTCHA_TTL_SECS: &str = "SECKILL_CAPTCHA_TTL_SECS";
 const DEFAULT_CAPTCHA_TTL_SECS: u64 = 120;
 
-/// Tokio worker threads. On a small box one thread serves more than two,
-/// because Redis and the load generator need the other cores; 0 means one per
-/// core.
+/// Tokio worker threads of the gateway. 0 (the default) chooses from the
+/// machine: one per core but one, at least one ([`Settings::runtime_threads`]).
+/// The core left over is for Redis (one thread) and the process's background
+/// thread (order workers, sweeper); measured on 2 cores shared with Redis,
+/// PostgreSQL and the load generator, one gateway thread served more
+/// purchases than two (loadtest/README.md).
 const ENV_THREADS: &str = "SECKILL_THREADS";
 const DEFAULT_THREADS: usize = 0;
 
@@ -360,6 +363,16 @@ impl<L: Fn(&str) -> Option<String>> Reader<L> {
 }
 
 impl Settings {
+    /// The gateway runtime's worker threads: `SECKILL_THREADS`, or when it
+    /// is 0 one per core but one (at least one).
+    pub fn runtime_threads(&self) -> usize {
+        if self.threads > 0 {
+            return self.threads;
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        cores.saturating_sub(1).max(1)
+    }
+
     /// Reads every variable once; every one that does not parse or makes no
     /// sense is named in the error.
     pub fn from_env() -> anyhow::Result<Settings> {
@@ -511,7 +524,7 @@ impl Settings {
         r.check(
             self.threads <= MAX_THREADS,
             ENV_THREADS,
-            &format!("must be at most {MAX_THREADS} (0 means one per core)"),
+            &format!("must be at most {MAX_THREADS} (0 chooses from the cores)"),
         );
         r.check(
             self.workers <= MAX_WORKERS,
