@@ -310,6 +310,7 @@ async fn spawn_background_thread(
     std::thread::Builder::new()
         .name("seckill-background".into())
         .spawn(move || {
+            lower_priority(settings.background_nice);
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -341,4 +342,23 @@ async fn spawn_background_thread(
         .await
         .context("the background thread stopped during start-up")??;
     Ok(done_rx)
+}
+
+/// Gives the calling thread the nice value `nice` (Linux: the nice value is
+/// per thread), so the gateway's threads come first when the cores are busy.
+/// A failure is logged and changes nothing else.
+fn lower_priority(nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    // SAFETY: setpriority takes plain integers and touches no memory of ours;
+    // `who` 0 is the calling thread on Linux.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    if rc != 0 {
+        tracing::warn!(
+            nice,
+            error = %std::io::Error::last_os_error(),
+            "could not lower the background thread's priority"
+        );
+    }
 }

@@ -142,6 +142,16 @@ const DEFAULT_DB_MAX_CONNECTIONS: u32 = 10;
 const ENV_WORKERS: &str = "SECKILL_WORKERS";
 const DEFAULT_WORKERS: usize = 4;
 
+/// Nice value (0 to 19) of the background thread of `seckill serve` (order
+/// workers, sweeper, stream gauges, periodic reconcile). During a burst the
+/// gateway's threads come first and the stream holds the orders a little
+/// longer (a `200` is already final there); the workers catch up as soon as
+/// the gateway leaves them CPU. 0 gives both the same weight.
+const ENV_BACKGROUND_NICE: &str = "SECKILL_BACKGROUND_NICE";
+const DEFAULT_BACKGROUND_NICE: i32 = 10;
+/// The lowest priority Linux has.
+const MAX_BACKGROUND_NICE: i32 = 19;
+
 /// Orders read and written per batch: one statement and one commit each.
 const ENV_WORKER_BATCH: &str = "SECKILL_WORKER_BATCH";
 const DEFAULT_WORKER_BATCH: usize = 1000;
@@ -247,6 +257,7 @@ pub struct Settings {
     pub threads: usize,
     pub db_max_connections: u32,
     pub workers: usize,
+    pub background_nice: i32,
     pub worker_batch: usize,
     pub worker_block: Duration,
     pub claim_idle: Duration,
@@ -451,6 +462,7 @@ impl Settings {
             threads: r.parse(ENV_THREADS, DEFAULT_THREADS),
             db_max_connections: r.parse(ENV_DB_MAX_CONNECTIONS, DEFAULT_DB_MAX_CONNECTIONS),
             workers: r.parse(ENV_WORKERS, DEFAULT_WORKERS),
+            background_nice: r.parse(ENV_BACKGROUND_NICE, DEFAULT_BACKGROUND_NICE),
             worker_batch: r.parse(ENV_WORKER_BATCH, DEFAULT_WORKER_BATCH),
             worker_block: r.millis(ENV_WORKER_BLOCK_MS, DEFAULT_WORKER_BLOCK_MS),
             claim_idle: r.millis(ENV_CLAIM_IDLE_MS, DEFAULT_CLAIM_IDLE_MS),
@@ -530,6 +542,11 @@ impl Settings {
             self.workers <= MAX_WORKERS,
             ENV_WORKERS,
             &format!("must be at most {MAX_WORKERS}"),
+        );
+        r.check(
+            (0..=MAX_BACKGROUND_NICE).contains(&self.background_nice),
+            ENV_BACKGROUND_NICE,
+            &format!("must be from 0 to {MAX_BACKGROUND_NICE}"),
         );
         for (ok, name) in [
             (!self.sweep_interval.is_zero(), ENV_SWEEP_INTERVAL_MS),
