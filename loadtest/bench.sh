@@ -34,6 +34,9 @@
 #   BENCH_RSS_BUYERS     distinct buyers sent in all before reading VmHWM [1000000]
 #   BENCH_REDIS_REQUESTS redis-benchmark calls                        [300000]
 #   BENCH_STRICT         1: exit 1 when a target is missed              [0]
+#   BENCH_PERF           1: `perf record -e cpu-clock` the gateway during the
+#                        runs of (3) and the sold-out run of (4), and print the
+#                        top entries (thread, symbol) beside the figures    [0]
 #   SECKILL_THREADS      gateway tokio threads [unset: the gateway's default,
 #                        chosen from the machine; the report prints it]
 #   SECKILL_RATE_USER    per-user limit [5, the production default: each buyer
@@ -61,6 +64,7 @@ SWEEP_SECONDS=${BENCH_SWEEP_SECONDS:-3}
 RSS_BUYERS=${BENCH_RSS_BUYERS:-1000000}
 REDIS_REQUESTS=${BENCH_REDIS_REQUESTS:-300000}
 STRICT=${BENCH_STRICT:-0}
+PERF=${BENCH_PERF:-0}
 # A buyer through the gateway costs well under 0.1 ms here; tokens are sized
 # for this rate, and a run that outpaces them stops early and says so.
 TOKEN_RATE=${BENCH_TOKEN_RATE:-60000}
@@ -171,6 +175,31 @@ unexpected() {
 	awk -v o="$other" '$1 == "requests" { n = $6 + $7 + $8 + $10 } END { print o + n }' "$LT_DIR/$1.wrk"
 }
 failures=0
+# perf_start NAME PID, perf_stop, perf_top NAME: with BENCH_PERF=1, cpu-clock samples of
+# one process between the two, and its top entries (self time by thread and
+# symbol) in the report.
+PERF_PID=
+perf_start() {
+	((PERF)) || return 0
+	perf record -e cpu-clock -F 499 -p "$2" -o "$LT_DIR/$1.perf" >"$LT_DIR/$1.perf.log" 2>&1 &
+	PERF_PID=$!
+}
+perf_stop() {
+	((PERF)) || return 0
+	kill -INT "$PERF_PID" 2>/dev/null || true
+	wait "$PERF_PID" 2>/dev/null || true
+}
+perf_top() {
+	((PERF)) || return 0
+	local by_thread
+	by_thread=$(perf report -i "$LT_DIR/$1.perf" --stdio --no-children --sort comm 2>/dev/null |
+		awk '/^ +[0-9.]+%/ { printf "%s %s  ", $2, $1 }' || true)
+	say "    perf, samples by thread: $by_thread"
+	say "    perf, top entries (self %, thread, symbol):"
+	{ perf report -i "$LT_DIR/$1.perf" --stdio --no-children --sort comm,symbol 2>/dev/null |
+		awk '/^ +[0-9.]+%/ { $1 = $1; sub(/ - -$/, ""); print "      " $0 }' |
+		head -n 12 | cut -c1-110 | tee -a "$REPORT"; } || true
+}
 # threads_of NAME: the tokio threads a gateway's start-up log says it serves HTTP on.
 threads_of() {
 	grep -m1 'gateway listening' "$LT_DIR/$1.log" | grep -oE '"threads":[0-9]+' | cut -d: -f2 || true
@@ -257,7 +286,9 @@ row "purchases/s (200s / wrk run time)" "$buy_rps" "$(w buy requests) requests i
 row "purchase latency under that load" "p50 $(w buy p50) ms, p99 $(w buy p99) ms" "p90 $(w buy p90) ms, p99.9 $(w buy p999) ms (wrk)"
 judge "$r1" '>=' 0.6
 row "RATIO gateway / redis-benchmark purchases/s" "$r1" "target >= 0.6 (goal 1.0): $JUDGED"
-row "gateway tokio threads (SECKILL_THREADS)" "${gw_threads:-not logged}" "${SECKILL_THREADS:+set by the environment}${SECKILL_THREADS:-the default, chosen from the machine}"
+threads_from="the default, chosen from the machine"
+[[ -n ${SECKILL_THREADS:-} ]] && threads_from="set by the environment"
+row "gateway tokio threads (SECKILL_THREADS)" "${gw_threads:-not logged}" "$threads_from"
 
 # --- 3. the same purchases through `seckill serve`, workers in the process ----------------------
 say ""
@@ -272,7 +303,9 @@ lt_log "3/7 purchases through seckill serve (workers in process): ${SECONDS_EACH
 n=$((SECONDS_EACH * TOKEN_RATE))
 file=$(tokens sw "$next_user" "$n")
 next_user=$((next_user + n))
+perf_start sw "$(lt_pid sw)"
 wrk_run sw "$SECONDS_EACH" "$CONNS" POST "/api/promotions/$sw_big/purchase" "$file" --latency
+perf_stop
 rm -f "$file"
 read -r sw_sold sw_persisted sw_lag < <(lt_stats "$sw_big" |
 	jq -r '"\(.stats.sold) \(.stats.persisted) \(.stats.in_stream)"')
@@ -291,6 +324,7 @@ row "drained (PostgreSQL holds every order)" "${sw_drain}s after wrk stopped" "s
 row "gateway tokio threads (SECKILL_THREADS)" "${sw_threads:-not logged}" "workers, sweeper and gauges on a thread of their own"
 judge "$r_sw" '>=' 0.8
 row "RATIO serve with workers / gateway alone" "$r_sw" "target >= 0.8: $JUDGED"
+perf_top sw
 
 # --- 4. /health, sold-out and browse ---------------------------------------------------------------
 say ""
@@ -313,7 +347,9 @@ n=$(awk -v s="$SECONDS_EACH" -v h="$health_rps" -v t="$TOKEN_RATE" \
 	'BEGIN { r = h * 1.1; if (r < t) r = t; printf "%d", s * r }')
 file=$(tokens soldout "$next_user" "$n")
 next_user=$((next_user + n))
+perf_start soldout "$gw_pid"
 wrk_run soldout "$SECONDS_EACH" "$CONNS" POST "/api/promotions/$soldout/purchase" "$file" --latency
+perf_stop
 rm -f "$file"
 buyers_sent=$((buyers_sent + $(w soldout requests)))
 (($(w soldout requests) < n)) || lt_log "warning: the sold-out run used up its $n buyers; raise BENCH_TOKEN_RATE"
@@ -324,6 +360,7 @@ r2=$(ratio "$soldout_rps" "$health_rps")
 row "sold-out (410) rejections/s" "$soldout_rps" "p50 $(w soldout p50) ms, p99 $(w soldout p99) ms; answers $(shown soldout purchase)"
 judge "$r2" '>=' 0.95
 row "RATIO sold-out / health" "$r2" "target >= 0.95: $JUDGED"
+perf_top soldout
 
 lt_log "4/7 browse: GET /api/promotions, GET /api/promotions/$big, ${SECONDS_EACH}s each"
 wrk_run list "$SECONDS_EACH" "$CONNS" GET /api/promotions - --latency
