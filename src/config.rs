@@ -123,9 +123,10 @@ const DEFAULT_CAPTCHA_TTL_SECS: u64 = 120;
 /// Tokio worker threads of the gateway. 0 (the default) chooses from the
 /// machine: one per core but one, at least one ([`Settings::runtime_threads`]).
 /// The core left over is for Redis (one thread) and the process's background
-/// thread (order workers, sweeper); measured on 2 cores shared with Redis,
-/// PostgreSQL and the load generator, one gateway thread served more
-/// purchases than two (loadtest/README.md).
+/// thread (order workers, sweeper). Measured on 2 cores shared with Redis,
+/// PostgreSQL and the load generator (loadtest/README.md): one gateway thread
+/// served as many purchases as two without workers and more with them in the
+/// process; two served more `/health` and rejections, which cost Redis nothing.
 const ENV_THREADS: &str = "SECKILL_THREADS";
 const DEFAULT_THREADS: usize = 0;
 
