@@ -12,14 +12,19 @@
 #      database): purchases/s with a large stock (wrk, every request a distinct
 #      buyer's JWT from `seckill tokens`), with p50/p99; first a short sweep
 #      over connection counts; ratio to (1), target >= 0.6 (goal 1.0).
-#   3. GET /health req/s, and sold-out rejections/s of a promotion whose one
-#      unit is gone (distinct buyers again), same wrk settings; ratio target >= 0.9.
-#   4. the gateway's peak RSS (VmHWM) after BENCH_RSS_BUYERS distinct buyers in
+#   3. the same purchases through `seckill serve` with its order workers
+#      (default settings, a key prefix and database of its own): purchases/s,
+#      the stream lag when wrk stops and the time until PostgreSQL holds every
+#      order; ratio to (2), target >= 0.8.
+#   4. GET /health req/s; sold-out rejections/s of a promotion whose one unit
+#      is gone (distinct buyers again), ratio target >= 0.95; GET
+#      /api/promotions and GET /api/promotions/{id} req/s, ratio target >= 0.9.
+#   5. the gateway's peak RSS (VmHWM) after BENCH_RSS_BUYERS distinct buyers in
 #      all (the rest of them on the sold-out path, the cheapest), target <= 150 MB.
-#   5. workers: the stream of (2) (every order sold there, hundreds of
+#   6. workers: the stream of (2) (every order sold there, hundreds of
 #      thousands) is drained by a fresh `seckill worker`; orders/s ÷ the rows/s of
 #      a psql \copy of as many rows into the same orders table; target >= 0.5.
-#   6. `cargo run --release --example limiter_memory` (the limiters at 1M keys).
+#   7. `cargo run --release --example limiter_memory` (the limiters at 1M keys).
 #
 # Environment:
 #   BENCH_SECONDS        length of each wrk measurement                [15]
@@ -29,7 +34,11 @@
 #   BENCH_RSS_BUYERS     distinct buyers sent in all before reading VmHWM [1000000]
 #   BENCH_REDIS_REQUESTS redis-benchmark calls                        [300000]
 #   BENCH_STRICT         1: exit 1 when a target is missed              [0]
-#   SECKILL_THREADS      gateway tokio threads                            [1]
+#   BENCH_PERF           1: `perf record -e cpu-clock` the gateway during the
+#                        runs of (3) and the sold-out run of (4), and print the
+#                        top entries (thread, symbol) beside the figures    [0]
+#   SECKILL_THREADS      gateway tokio threads [unset: the gateway's default,
+#                        chosen from the machine; the report prints it]
 #   SECKILL_RATE_USER    per-user limit [5, the production default: each buyer
 #                        sends one request, so it refuses none, but its per-user
 #                        state is part of the RSS figure]; SECKILL_RATE_IP and
@@ -55,6 +64,7 @@ SWEEP_SECONDS=${BENCH_SWEEP_SECONDS:-3}
 RSS_BUYERS=${BENCH_RSS_BUYERS:-1000000}
 REDIS_REQUESTS=${BENCH_REDIS_REQUESTS:-300000}
 STRICT=${BENCH_STRICT:-0}
+PERF=${BENCH_PERF:-0}
 # A buyer through the gateway costs well under 0.1 ms here; tokens are sized
 # for this rate, and a run that outpaces them stops early and says so.
 TOKEN_RATE=${BENCH_TOKEN_RATE:-60000}
@@ -70,11 +80,19 @@ esac
 
 RB_PREFIX=${LT_PREFIX}rb
 # redis-benchmark's promotion lives under its own prefix.
-rb_cleanup() {
-	lt_redis --scan --pattern "{$RB_PREFIX:*" 2>/dev/null |
-		xargs -r -n 500 redis-cli -u "$LT_REDIS_URL" --no-auth-warning UNLINK >/dev/null 2>&1
+# `seckill serve` with its workers (3) has a prefix and database of its own.
+SW_PREFIX=${LT_PREFIX}sw
+SW_DB=${LT_DB}_sw
+bench_cleanup() {
+	local pattern
+	for pattern in "{$RB_PREFIX:*" "{$SW_PREFIX:*" "$SW_PREFIX:*"; do
+		lt_redis --scan --pattern "$pattern" 2>/dev/null |
+			xargs -r -n 500 redis-cli -u "$LT_REDIS_URL" --no-auth-warning UNLINK >/dev/null 2>&1
+	done
+	psql -w -X -q -d "$LT_PG_SERVER/postgres" \
+		-c "DROP DATABASE IF EXISTS \"$SW_DB\" WITH (FORCE)" >/dev/null 2>&1 || true
 }
-LT_EXTRA_CLEANUP=rb_cleanup
+LT_EXTRA_CLEANUP=bench_cleanup
 lt_exit_traps
 
 REPORT=$LT_DIR/report.txt
@@ -157,16 +175,45 @@ unexpected() {
 	awk -v o="$other" '$1 == "requests" { n = $6 + $7 + $8 + $10 } END { print o + n }' "$LT_DIR/$1.wrk"
 }
 failures=0
+# perf_start NAME PID, perf_stop, perf_top NAME: with BENCH_PERF=1, cpu-clock samples of
+# one process between the two, and its top entries (self time by thread and
+# symbol) in the report.
+PERF_PID=
+perf_start() {
+	((PERF)) || return 0
+	perf record -e cpu-clock -F 499 -p "$2" -o "$LT_DIR/$1.perf" >"$LT_DIR/$1.perf.log" 2>&1 &
+	PERF_PID=$!
+}
+perf_stop() {
+	((PERF)) || return 0
+	kill -INT "$PERF_PID" 2>/dev/null || true
+	wait "$PERF_PID" 2>/dev/null || true
+}
+perf_top() {
+	((PERF)) || return 0
+	local by_thread
+	by_thread=$(perf report -i "$LT_DIR/$1.perf" --stdio --no-children --sort comm 2>/dev/null |
+		awk '/^ +[0-9.]+%/ { printf "%s %s  ", $2, $1 }' || true)
+	say "    perf, samples by thread: $by_thread"
+	say "    perf, top entries (self %, thread, symbol):"
+	{ perf report -i "$LT_DIR/$1.perf" --stdio --no-children --sort comm,symbol 2>/dev/null |
+		awk '/^ +[0-9.]+%/ { $1 = $1; sub(/ - -$/, ""); print "      " $0 }' |
+		head -n 12 | cut -c1-110 | tee -a "$REPORT"; } || true
+}
+# threads_of NAME: the tokio threads a gateway's start-up log says it serves HTTP on.
+threads_of() {
+	grep -m1 'gateway listening' "$LT_DIR/$1.log" | grep -oE '"threads":[0-9]+' | cut -d: -f2 || true
+}
 
 say ""
 say "================ seckill benchmark ================"
 say "machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), $(free -g | awk '/^Mem:/ { print $2 }') GiB; client, gateway, Redis and PostgreSQL share it"
 say "redis $(lt_redis INFO server | awk -F: '/^redis_version/ { print $2 }' | tr -d '\r'), appendonly $(lt_redis CONFIG GET appendonly | tail -n1); $(psql -w -X -At -d "$LT_PG_SERVER/postgres" -c 'SHOW server_version' 2>/dev/null | sed 's/^/PostgreSQL /')"
-say "gateway: SECKILL_THREADS=${SECKILL_THREADS:-1}, rate limits user=$SECKILL_RATE_USER/s ip=$SECKILL_RATE_IP global=$SECKILL_RATE_GLOBAL (0 = off); wrk: 1 thread, $CONNS connections, ${SECONDS_EACH}s"
+say "gateway: SECKILL_THREADS=${SECKILL_THREADS:-unset (the default)}, rate limits user=$SECKILL_RATE_USER/s ip=$SECKILL_RATE_IP global=$SECKILL_RATE_GLOBAL (0 = off); wrk: 1 thread, $CONNS connections, ${SECONDS_EACH}s"
 say ""
 
 # --- 1. redis-benchmark: the script alone ---------------------------------------------
-lt_log "1/6 redis-benchmark EVALSHA purchase.lua, $REDIS_REQUESTS calls, 50 clients"
+lt_log "1/7 redis-benchmark EVALSHA purchase.lua, $REDIS_REQUESTS calls, 50 clients"
 sha=$(lt_redis SCRIPT LOAD "$(cat lua/purchase.lua)")
 rb="{$RB_PREFIX:p:1}"
 now_ms=$(date +%s%3N)
@@ -197,11 +244,13 @@ read -r rss_start _ < <(lt_rss_mib "$gw_pid")
 big=$(lt_create_promotion "bench: large stock" 100000000)
 soldout=$(lt_create_promotion "bench: one unit" 1)
 buyers_sent=0
+gw_url=$LT_URL
+gw_threads=$(threads_of gw)
 
 say ""
 say "2. Gateway purchases (promotion $big, stock 100,000,000, per-user limit 1, distinct buyers)"
 if [[ -n $SWEEP ]]; then
-	lt_log "2/6 connection sweep: $SWEEP (${SWEEP_SECONDS}s each)"
+	lt_log "2/7 connection sweep: $SWEEP (${SWEEP_SECONDS}s each)"
 	sweep_line=
 	for c in $SWEEP; do
 		n=$((SWEEP_SECONDS * TOKEN_RATE))
@@ -218,7 +267,7 @@ if [[ -n $SWEEP ]]; then
 	say "    $sweep_line"
 fi
 
-lt_log "2/6 purchases: ${SECONDS_EACH}s, $CONNS connections"
+lt_log "2/7 purchases: ${SECONDS_EACH}s, $CONNS connections"
 n=$((SECONDS_EACH * TOKEN_RATE))
 file=$(tokens buy "$next_user" "$n")
 next_user=$((next_user + n))
@@ -237,17 +286,56 @@ row "purchases/s (200s / wrk run time)" "$buy_rps" "$(w buy requests) requests i
 row "purchase latency under that load" "p50 $(w buy p50) ms, p99 $(w buy p99) ms" "p90 $(w buy p90) ms, p99.9 $(w buy p999) ms (wrk)"
 judge "$r1" '>=' 0.6
 row "RATIO gateway / redis-benchmark purchases/s" "$r1" "target >= 0.6 (goal 1.0): $JUDGED"
+threads_from="the default, chosen from the machine"
+[[ -n ${SECKILL_THREADS:-} ]] && threads_from="set by the environment"
+row "gateway tokio threads (SECKILL_THREADS)" "${gw_threads:-not logged}" "$threads_from"
 
-# --- 3. /health and sold-out ---------------------------------------------------------------------
+# --- 3. the same purchases through `seckill serve`, workers in the process ----------------------
 say ""
-say "3. Sold-out rejections vs GET /health (same gateway, same wrk settings)"
-lt_log "3/6 GET /health: ${SECONDS_EACH}s"
+say "3. Gateway with its order workers (seckill serve, default settings, a prefix and database of its own)"
+saved=("$LT_PREFIX" "$LT_DB_URL")
+LT_PREFIX=$SW_PREFIX LT_DB_URL=$LT_PG_SERVER/$SW_DB
+lt_start_gateway sw serve
+LT_PREFIX=${saved[0]} LT_DB_URL=${saved[1]}
+sw_threads=$(threads_of sw)
+sw_big=$(lt_create_promotion "bench: serve with workers" 100000000)
+lt_log "3/7 purchases through seckill serve (workers in process): ${SECONDS_EACH}s, $CONNS connections"
+n=$((SECONDS_EACH * TOKEN_RATE))
+file=$(tokens sw "$next_user" "$n")
+next_user=$((next_user + n))
+perf_start sw "$(lt_pid sw)"
+wrk_run sw "$SECONDS_EACH" "$CONNS" POST "/api/promotions/$sw_big/purchase" "$file" --latency
+perf_stop
+rm -f "$file"
+read -r sw_sold sw_persisted sw_lag < <(lt_stats "$sw_big" |
+	jq -r '"\(.stats.sold) \(.stats.persisted) \(.stats.in_stream)"')
+sw_drain=$(lt_wait_drained "$sw_big" 300) || failures=$((failures + 1))
+read -r sw_sold_end sw_persisted_end sw_lag_end < <(lt_stats "$sw_big" |
+	jq -r '"\(.stats.sold) \(.stats.persisted) \(.stats.in_stream)"')
+sw_rps=$(rate sw purchase 200)
+failures=$((failures + $(unexpected sw purchase 200)))
+lt_stop sw
+LT_URL=$gw_url
+r_sw=$(ratio "$sw_rps" "$buy_rps")
+row "purchases/s (200s / wrk run time)" "$sw_rps" "$(w sw requests) requests in $(w sw secs)s; answers $(shown sw purchase)"
+row "purchase latency under that load" "p50 $(w sw p50) ms, p99 $(w sw p99) ms" "p90 $(w sw p90) ms, p99.9 $(w sw p999) ms (wrk)"
+row "stream lag when wrk stopped" "$sw_lag orders" "sold $sw_sold, persisted $sw_persisted"
+row "drained (PostgreSQL holds every order)" "${sw_drain}s after wrk stopped" "sold $sw_sold_end, persisted $sw_persisted_end, in stream $sw_lag_end at the end"
+row "gateway tokio threads (SECKILL_THREADS)" "${sw_threads:-not logged}" "workers, sweeper and gauges on a thread of their own"
+judge "$r_sw" '>=' 0.8
+row "RATIO serve with workers / gateway alone" "$r_sw" "target >= 0.8: $JUDGED"
+perf_top sw
+
+# --- 4. /health, sold-out and browse ---------------------------------------------------------------
+say ""
+say "4. Sold-out rejections and browsing vs GET /health (the gateway of 2, same wrk settings)"
+lt_log "4/7 GET /health: ${SECONDS_EACH}s"
 wrk_run health "$SECONDS_EACH" "$CONNS" GET /health -
 health_rps=$(rate health health 200)
 failures=$((failures + $(unexpected health health 200)))
 row "GET /health req/s" "$health_rps" "p50 $(w health p50) ms, p99 $(w health p99) ms"
 
-lt_log "3/6 sold-out: ${SECONDS_EACH}s"
+lt_log "4/7 sold-out: ${SECONDS_EACH}s"
 first_buyer=$(lt_env "$LT_BIN" token --user "$next_user")
 next_user=$((next_user + 1))
 buyers_sent=$((buyers_sent + 1))
@@ -259,7 +347,9 @@ n=$(awk -v s="$SECONDS_EACH" -v h="$health_rps" -v t="$TOKEN_RATE" \
 	'BEGIN { r = h * 1.1; if (r < t) r = t; printf "%d", s * r }')
 file=$(tokens soldout "$next_user" "$n")
 next_user=$((next_user + n))
+perf_start soldout "$gw_pid"
 wrk_run soldout "$SECONDS_EACH" "$CONNS" POST "/api/promotions/$soldout/purchase" "$file" --latency
+perf_stop
 rm -f "$file"
 buyers_sent=$((buyers_sent + $(w soldout requests)))
 (($(w soldout requests) < n)) || lt_log "warning: the sold-out run used up its $n buyers; raise BENCH_TOKEN_RATE"
@@ -268,15 +358,32 @@ soldout_bad=$(unexpected soldout purchase 410)
 failures=$((failures + soldout_bad))
 r2=$(ratio "$soldout_rps" "$health_rps")
 row "sold-out (410) rejections/s" "$soldout_rps" "p50 $(w soldout p50) ms, p99 $(w soldout p99) ms; answers $(shown soldout purchase)"
-judge "$r2" '>=' 0.9
-row "RATIO sold-out / health" "$r2" "target >= 0.9: $JUDGED"
+judge "$r2" '>=' 0.95
+row "RATIO sold-out / health" "$r2" "target >= 0.95: $JUDGED"
+perf_top soldout
 
-# --- 4. memory after many distinct buyers -----------------------------------------------------------
+lt_log "4/7 browse: GET /api/promotions, GET /api/promotions/$big, ${SECONDS_EACH}s each"
+wrk_run list "$SECONDS_EACH" "$CONNS" GET /api/promotions - --latency
+list_rps=$(rate list promotions 200)
+failures=$((failures + $(unexpected list promotions 200)))
+wrk_run item "$SECONDS_EACH" "$CONNS" GET "/api/promotions/$big" - --latency
+item_rps=$(rate item promotion 200)
+failures=$((failures + $(unexpected item promotion 200)))
+r_list=$(ratio "$list_rps" "$health_rps")
+r_item=$(ratio "$item_rps" "$health_rps")
+row "GET /api/promotions req/s" "$list_rps" "p50 $(w list p50) ms, p99 $(w list p99) ms; $(curl -s "$LT_URL/api/promotions" | wc -c) bytes"
+judge "$r_list" '>=' 0.9
+row "RATIO list / health" "$r_list" "target >= 0.9: $JUDGED"
+row "GET /api/promotions/{id} req/s" "$item_rps" "p50 $(w item p50) ms, p99 $(w item p99) ms"
+judge "$r_item" '>=' 0.9
+row "RATIO promotion / health" "$r_item" "target >= 0.9: $JUDGED"
+
+# --- 5. memory after many distinct buyers -----------------------------------------------------------
 say ""
-say "4. Gateway memory"
+say "5. Gateway memory"
 if ((buyers_sent < RSS_BUYERS)); then
 	n=$((RSS_BUYERS - buyers_sent))
-	lt_log "4/6 $n more distinct buyers on the sold-out path (to $RSS_BUYERS in all)"
+	lt_log "5/7 $n more distinct buyers on the sold-out path (to $RSS_BUYERS in all)"
 	file=$(tokens rss "$next_user" "$n")
 	next_user=$((next_user + n))
 	# wrk's thread stops when the file's buyers are used up, but wrk itself
@@ -293,13 +400,13 @@ judge "$rss_mb" '<=' 150
 row "gateway peak RSS (VmHWM)" "${rss_peak} MiB = ${rss_mb} MB" "after $buyers_sent distinct buyers; target <= 150 MB: $JUDGED"
 row "  at start / now" "${rss_start} MiB / ${rss_now} MiB" "per-user limiter ${SECKILL_RATE_USER}/s on; its keys are pruned every 10 s"
 
-# --- 5. workers vs COPY ------------------------------------------------------------------------------
+# --- 6. workers vs COPY ------------------------------------------------------------------------------
 say ""
-say "5. Workers draining a full stream vs COPY into the same table"
+say "6. Workers draining a full stream vs COPY into the same table"
 stream="{$LT_PREFIX:p:$big}:orders"
 backlog=$(lt_redis XLEN "$stream")
 sold_big=$(lt_stats "$big" | jq -r .stats.sold)
-lt_log "5/6 COPY of $backlog rows, then the workers drain $backlog orders"
+lt_log "6/7 COPY of $backlog rows, then the workers drain $backlog orders"
 # COPY first, into the same orders table (another promotion, other ids), so
 # the workers meet the larger table: if anything, that favours COPY.
 copy_promo=$(lt_create_promotion "bench: copy target" 100000000)
@@ -352,10 +459,10 @@ row "workers: $persisted of $sold_big orders persisted" "$drain_rps orders/s" "$
 judge "$r3" '>=' 0.5
 row "RATIO workers / COPY" "$r3" "target >= 0.5: $JUDGED"
 
-# --- 6. the limiter memory example ---------------------------------------------------------------------
+# --- 7. the limiter memory example ---------------------------------------------------------------------
 say ""
-say "6. cargo run --release --example limiter_memory"
-lt_log "6/6 limiter_memory example"
+say "7. cargo run --release --example limiter_memory"
+lt_log "7/7 limiter_memory example"
 if (cd "$LT_ROOT" && cargo run --release --quiet --example limiter_memory) >"$LT_DIR/limiter.txt" 2>&1; then
 	sed 's/^/    /' "$LT_DIR/limiter.txt" | tee -a "$REPORT"
 else

@@ -42,7 +42,8 @@ LT_ADMIN_TOKEN=${LT_ADMIN_TOKEN:-loadtest-admin-token-$LT_RUN_ID}
 LT_DIR=${LT_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/seckill-loadtest.XXXXXX")}
 mkdir -p "$LT_DIR"
 
-# The environment of every seckill process we start. Rate limits: one load
+# The environment of every seckill process we start (SECKILL_THREADS only
+# when the caller sets it). Rate limits: one load
 # generator on one address would hit the per-IP limit (200/s) at once, and
 # the global ceiling (50k/s) is what we want to measure past; callers may
 # override each one through the environment.
@@ -55,9 +56,10 @@ lt_export_env() {
 		SECKILL_RATE_GLOBAL="${SECKILL_RATE_GLOBAL:-0}" \
 		SECKILL_RATE_USER="${SECKILL_RATE_USER:-0}" \
 		SECKILL_RATE_IP="${SECKILL_RATE_IP:-0}" \
-		SECKILL_THREADS="${SECKILL_THREADS:-1}" \
 		SECKILL_LOG_FORMAT="${SECKILL_LOG_FORMAT:-json}" \
 		RUST_LOG="${RUST_LOG:-info}"
+	# Unset: the gateway's default, chosen from the machine.
+	if [[ -n ${SECKILL_THREADS:-} ]]; then export SECKILL_THREADS; fi
 }
 
 # lt_env CMD ARGS...: runs CMD with that environment (exec'd in a subshell, so

@@ -10,8 +10,9 @@
 #           --browse / --no-browse   run loadtest/k6/browse.js after the sale or not
 # Environment (each overrides the profile): STOCK, USERS, DURATION (k6 duration,
 #   e.g. 5s), BROWSE_RATE (page views/s), BROWSE_DURATION, DRAIN_TIMEOUT (s, 120),
-#   SECKILL_THREADS (gateway tokio threads, 1), SECKILL_WORKERS, LOGIN (1: each
-#   buyer registers and logs in for its JWT, see loadtest/k6/flash_sale.js),
+#   SECKILL_THREADS (gateway tokio threads; unset: the default), SECKILL_WORKERS,
+#   LOGIN (1: each buyer registers and logs in for its JWT, see
+#   loadtest/k6/flash_sale.js),
 #   SECKILL_RATE_GLOBAL / _USER / _IP (0 = off, the default here: every buyer
 #   comes from 127.0.0.1), SECKILL_REDIS_URL, LT_PG_SERVER
 #   (postgres://postgres@127.0.0.1:5432).
@@ -159,7 +160,7 @@ verdict() { if [[ $1 == 0 ]]; then echo ok; else echo FAIL; fi; }
 {
 	echo
 	echo "================ seckill load test ($profile) ================"
-	printf '%-34s %s\n' "gateway" "$LT_URL, SECKILL_THREADS=${SECKILL_THREADS:-1}, workers in process, rate limits global=${SECKILL_RATE_GLOBAL:-0} user=${SECKILL_RATE_USER:-0} ip=${SECKILL_RATE_IP:-0}"
+	printf '%-34s %s\n' "gateway" "$LT_URL, SECKILL_THREADS=${SECKILL_THREADS:-default}, workers in process, rate limits global=${SECKILL_RATE_GLOBAL:-0} user=${SECKILL_RATE_USER:-0} ip=${SECKILL_RATE_IP:-0}"
 	printf '%-34s %s\n' "sale" "promotion $promo: $STOCK units, $(m buyers count) buyers arrived in $DURATION ($(m dropped_iterations count) dropped by k6)"
 	printf '%-34s %s\n' "purchase requests" "$requests ($(printf '%.0f' "$req_rate")/s over the k6 run; winners click twice)"
 	printf '%-34s %s\n' "answers" "200: $ok  409: $(m already_purchased count)  410: $(m sold_out count)  5xx: $(m server_errors count) (503: $(m unavailable_503 count))  other: $(m unexpected_status count)  transport errors: $(m transport_errors count)"

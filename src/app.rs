@@ -7,9 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use sqlx::PgPool;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -54,11 +53,6 @@ const BACKGROUND_CONNECTIONS: u32 = 2;
 /// A built application, ready to run.
 pub struct App {
     state: Arc<AppState>,
-    /// The pool of the order workers, the sweeper and the periodic
-    /// reconcile (`None` for the gateway alone). Apart from the handlers'
-    /// pool, so no storm of requests can take the connections the batch
-    /// inserts need.
-    background_db: Option<PgPool>,
     listener: Option<TcpListener>,
     role: Role,
 }
@@ -69,18 +63,6 @@ impl App {
     pub async fn build(settings: Settings, role: Role) -> anyhow::Result<App> {
         let db = db::connect(&settings.database_url, settings.db_max_connections).await?;
         db::migrate(&db).await?;
-        let background_db = match role {
-            Role::GatewayOnly => None,
-            Role::Serve | Role::WorkersOnly => {
-                // At most `MAX_WORKERS` (1024) workers: this fits a u32.
-                let size = settings.workers as u32 + BACKGROUND_CONNECTIONS;
-                Some(
-                    db::pool(&settings.database_url, size)
-                        .await
-                        .context("failed to open the workers' postgresql pool")?,
-                )
-            }
-        };
         if let Some(dir) = &settings.lua_dir {
             crate::stock::lua::use_dir(dir)?;
         }
@@ -157,7 +139,6 @@ impl App {
         });
         Ok(App {
             state,
-            background_db,
             listener,
             role,
         })
@@ -173,46 +154,34 @@ impl App {
     }
 
     /// Runs until `shutdown` completes: the gateway stops accepting and drains
-    /// its in-flight requests; the workers finish or leave pending the batch
-    /// in hand. Returns when both are done.
+    /// its in-flight requests; then the workers write what the streams still
+    /// hold and finish or leave pending the batch in hand. Returns when both
+    /// are done.
+    ///
+    /// With the gateway in the process (`serve`), the background side (order
+    /// workers, payment-timeout sweeper, stream gauges, periodic reconcile)
+    /// runs on a single-threaded runtime of its own, on an OS thread of its
+    /// own, with its own Redis connections and PostgreSQL pool, so the
+    /// gateway's runtime threads serve HTTP only (apart from a few light
+    /// timers of the gateway itself). A workers-only process runs it on the
+    /// main runtime.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let token = CancellationToken::new();
         let mut workers = JoinSet::new();
-        if let Some(background_db) = &self.background_db {
-            let config = WorkerConfig::from_settings(&self.state.settings);
-            let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
-            for n in 0..self.state.settings.workers {
-                let consumer = format!(
-                    "{host}-{}-{}-{n}",
-                    std::process::id(),
-                    uuid::Uuid::new_v4().simple()
-                );
-                let worker = Worker::connect(
-                    &self.state.settings.redis_url,
-                    background_db.clone(),
-                    self.state.store.keys().clone(),
-                    consumer,
-                    config.clone(),
-                )
-                .await?;
-                workers.spawn(worker.run(token.clone()));
+        let keys = self.state.store.keys().clone();
+        let mut background_done = None;
+        match self.role {
+            Role::GatewayOnly => {}
+            Role::WorkersOnly => {
+                let mut tasks = start_background(&self.state.settings, keys, &token).await?;
+                workers.spawn(async move { while tasks.join_next().await.is_some() {} });
             }
-            let sweeper = Lifecycle {
-                db: background_db.clone(),
-                ..self.state.lifecycle.clone()
-            };
-            workers.spawn(sweeper.run_sweeper(self.state.settings.sweep_interval, token.clone()));
-            workers.spawn(crate::orders::worker::observe_streams(
-                self.state.store.clone(),
-                STREAM_GAUGES_EVERY,
-                token.clone(),
-            ));
-            workers.spawn(crate::recovery::run_periodic(
-                background_db.clone(),
-                self.state.store.clone(),
-                self.state.settings.reconcile_interval,
-                token.clone(),
-            ));
+            Role::Serve => {
+                background_done = Some(
+                    spawn_background_thread(self.state.settings.clone(), keys, token.clone())
+                        .await?,
+                );
+            }
         }
         if self.role != Role::WorkersOnly {
             let state = self.state.clone();
@@ -250,14 +219,149 @@ impl App {
                 } else {
                     "gateway listening"
                 };
-                tracing::info!(addr = %listener.local_addr()?, "{what}");
+                // The runtime's threads: what SECKILL_THREADS gave the gateway.
+                let threads = tokio::runtime::Handle::current().metrics().num_workers();
+                tracing::info!(addr = %listener.local_addr()?, threads, "{what}");
                 crate::http::server::serve(listener, self.state.clone(), signal).await?;
             }
             None => signal.await,
         }
         token.cancel();
         while workers.join_next().await.is_some() {}
+        if let Some(done) = background_done {
+            // Sent when the background thread has finished; an error means it
+            // ended without sending (a panic), which leaves nothing to wait for.
+            let _ = done.await;
+        }
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// Opens the background side's own stores (a PostgreSQL pool apart from the
+/// handlers', so no storm of requests can take the connections the batch
+/// inserts need, and Redis connections made on the calling runtime) and
+/// starts the order workers, the sweeper, the stream gauges and the periodic
+/// reconcile on the current runtime, until `shutdown`.
+async fn start_background(
+    settings: &Settings,
+    keys: Keys,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<JoinSet<()>> {
+    // At most `MAX_WORKERS` (1024) workers: this fits a u32.
+    let size = settings.workers as u32 + BACKGROUND_CONNECTIONS;
+    let db = db::pool(&settings.database_url, size)
+        .await
+        .context("failed to open the workers' postgresql pool")?;
+    let store = Store::connect(
+        &settings.redis_url,
+        keys.clone(),
+        ConnectOptions::commands(settings.redis_timeout),
+    )
+    .await
+    .context("failed to connect the background tasks to redis")?;
+    let mut tasks = JoinSet::new();
+    let config = WorkerConfig::from_settings(settings);
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
+    for n in 0..settings.workers {
+        let consumer = format!(
+            "{host}-{}-{}-{n}",
+            std::process::id(),
+            uuid::Uuid::new_v4().simple()
+        );
+        let worker = Worker::connect(
+            &settings.redis_url,
+            db.clone(),
+            keys.clone(),
+            consumer,
+            config.clone(),
+        )
+        .await?;
+        tasks.spawn(worker.run(shutdown.clone()));
+    }
+    let sweeper = Lifecycle {
+        db: db.clone(),
+        store: store.clone(),
+        payment_timeout: settings.payment_timeout,
+    };
+    tasks.spawn(sweeper.run_sweeper(settings.sweep_interval, shutdown.clone()));
+    tasks.spawn(crate::orders::worker::observe_streams(
+        store.clone(),
+        STREAM_GAUGES_EVERY,
+        shutdown.clone(),
+    ));
+    tasks.spawn(crate::recovery::run_periodic(
+        db,
+        store,
+        settings.reconcile_interval,
+        shutdown.clone(),
+    ));
+    Ok(tasks)
+}
+
+/// Starts [`start_background`] on a `current_thread` runtime on an OS thread
+/// of its own. Returns once everything has started (or with the error that
+/// stopped it), with a receiver that completes when the thread has finished:
+/// after `shutdown`, when the workers have drained.
+async fn spawn_background_thread(
+    settings: Settings,
+    keys: Keys,
+    shutdown: CancellationToken,
+) -> anyhow::Result<oneshot::Receiver<()>> {
+    let (started_tx, started_rx) = oneshot::channel::<anyhow::Result<()>>();
+    let (done_tx, done_rx) = oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("seckill-background".into())
+        .spawn(move || {
+            lower_priority(settings.background_nice);
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    let e = anyhow::Error::new(e).context("failed to start the background runtime");
+                    let _ = started_tx.send(Err(e));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                match start_background(&settings, keys, &shutdown).await {
+                    Ok(mut tasks) => {
+                        let _ = started_tx.send(Ok(()));
+                        while tasks.join_next().await.is_some() {}
+                    }
+                    Err(e) => {
+                        let _ = started_tx.send(Err(e));
+                    }
+                }
+            });
+            // Connections and timers go with the runtime, before "done".
+            drop(runtime);
+            let _ = done_tx.send(());
+        })
+        .context("failed to spawn the background thread")?;
+    started_rx
+        .await
+        .context("the background thread stopped during start-up")??;
+    Ok(done_rx)
+}
+
+/// Gives the calling thread the nice value `nice` (Linux: the nice value is
+/// per thread), so the gateway's threads come first when the cores are busy.
+/// A failure is logged and changes nothing else.
+fn lower_priority(nice: i32) {
+    if nice == 0 {
+        return;
+    }
+    // SAFETY: setpriority takes plain integers and touches no memory of ours;
+    // `who` 0 is the calling thread on Linux.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    if rc != 0 {
+        tracing::warn!(
+            nice,
+            error = %std::io::Error::last_os_error(),
+            "could not lower the background thread's priority"
+        );
     }
 }

@@ -96,9 +96,7 @@ fn main() -> ExitCode {
     };
     seckill::telemetry::init_tracing(settings.log_format);
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if settings.threads > 0 {
-        runtime.worker_threads(settings.threads);
-    }
+    runtime.worker_threads(settings.runtime_threads());
     let runtime = match runtime.enable_all().build() {
         Ok(r) => r,
         Err(e) => {

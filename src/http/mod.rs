@@ -39,6 +39,15 @@ pub fn json<T: serde::Serialize + ?Sized>(status: StatusCode, value: &T) -> Resp
     res
 }
 
+/// A JSON response from a body serialized before (a cached one).
+pub fn json_bytes(status: StatusCode, body: Bytes) -> Response {
+    let mut res = hyper::Response::new(Full::new(body));
+    *res.status_mut() = status;
+    res.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    res
+}
+
 /// An empty response (`204`).
 pub fn empty(status: StatusCode) -> Response {
     let mut res = hyper::Response::new(Full::new(Bytes::new()));

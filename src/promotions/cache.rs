@@ -1,5 +1,5 @@
 //! The gateway's local cache (moka): promotion meta for the purchase path,
-//! local sold-out flags, and the public list.
+//! local sold-out flags, and the public list with its JSON bodies.
 //!
 //! The cache lets the gateway answer unknown, not-started, ended and sold-out
 //! purchases without a Redis round trip. It is never the authority: the
@@ -10,6 +10,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use moka::future::Cache;
 use sqlx::PgPool;
 
@@ -49,6 +51,94 @@ impl Drop for ProbeGuard {
 pub struct Listed {
     pub promotion: Promotion,
     pub remaining: Option<i64>,
+    /// Its public JSON object (`GET /api/promotions/{id}`), serialized when
+    /// the list was filled.
+    body: Bytes,
+}
+
+/// The public list as one cache fill read it, with the JSON bodies of
+/// `GET /api/promotions` and of each promotion serialized once.
+///
+/// A promotion's `status` depends on the time (upcoming → active → ended)
+/// and the list leaves ended promotions out, so the bodies are right only
+/// until the first start or end after the fill: [`OpenList::list_body`] and
+/// [`Listed::body`] give them up to then, and `None` after it, when the
+/// caller serializes afresh at the time of the request until the entry
+/// expires (at most the cache TTL). `remaining` is as old as the fill, as it
+/// always was.
+#[derive(Debug)]
+pub struct OpenList {
+    pub listed: Vec<Listed>,
+    list_body: Bytes,
+    /// The first start or end after the fill (`None`: no later one).
+    fresh_until: Option<DateTime<Utc>>,
+}
+
+impl OpenList {
+    /// Builds the list and its bodies as they read at `now`.
+    pub fn new(rows: Vec<(Promotion, Option<i64>)>, now: DateTime<Utc>) -> OpenList {
+        let listed: Vec<Listed> = rows
+            .into_iter()
+            .map(|(promotion, remaining)| Listed {
+                body: to_bytes(&promotion.to_public_json(now, remaining)),
+                promotion,
+                remaining,
+            })
+            .collect();
+        let fresh_until = listed
+            .iter()
+            .flat_map(|l| [l.promotion.starts_at, l.promotion.ends_at])
+            .filter(|t| *t > now)
+            .min();
+        let list_body = to_bytes(&Self::list_json(&listed, now));
+        OpenList {
+            listed,
+            list_body,
+            fresh_until,
+        }
+    }
+
+    /// Whether the bodies serialized at the fill still read the same at `now`.
+    fn fresh_at(&self, now: DateTime<Utc>) -> bool {
+        self.fresh_until.is_none_or(|t| now < t)
+    }
+
+    /// The body of `GET /api/promotions` serialized at the fill, while it
+    /// still holds at `now`.
+    pub fn list_body(&self, now: DateTime<Utc>) -> Option<Bytes> {
+        self.fresh_at(now).then(|| self.list_body.clone())
+    }
+
+    /// The promotion `id` of the list at `now` (an ended one is not listed).
+    pub fn find(&self, id: i64, now: DateTime<Utc>) -> Option<&Listed> {
+        self.listed
+            .iter()
+            .find(|l| l.promotion.id == id && l.promotion.ends_at > now)
+    }
+
+    /// The body of `GET /api/promotions` at `now`, serialized afresh.
+    pub fn list_json(listed: &[Listed], now: DateTime<Utc>) -> serde_json::Value {
+        let items: Vec<_> = listed
+            .iter()
+            .filter(|l| l.promotion.ends_at > now)
+            .map(|l| l.promotion.to_public_json(now, l.remaining))
+            .collect();
+        serde_json::json!({"promotions": items})
+    }
+
+    /// The body of `GET /api/promotions/{id}` for `listed` of this list:
+    /// serialized at the fill while that still holds at `now`.
+    pub fn body_of(&self, listed: &Listed, now: DateTime<Utc>) -> Bytes {
+        if self.fresh_at(now) {
+            listed.body.clone()
+        } else {
+            to_bytes(&listed.promotion.to_public_json(now, listed.remaining))
+        }
+    }
+}
+
+fn to_bytes(value: &serde_json::Value) -> Bytes {
+    Bytes::from(serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec()))
 }
 
 /// The local caches of one gateway.
@@ -65,8 +155,9 @@ pub struct PromotionCache {
     /// stampedes Redis when a flag ages.
     sold_out: Cache<i64, Arc<SoldOutFlag>>,
     sold_out_ttl: Duration,
-    /// The public list of open promotions, one entry under the key `()`.
-    open: Cache<(), Arc<Vec<Listed>>>,
+    /// The public list of open promotions, one entry under the key `()`,
+    /// with its JSON bodies serialized once per fill.
+    open: Cache<(), Arc<OpenList>>,
 }
 
 impl PromotionCache {
@@ -164,22 +255,70 @@ impl PromotionCache {
         &self,
         db: &PgPool,
         store: &Store,
-    ) -> Result<Arc<Vec<Listed>>, Arc<anyhow::Error>> {
+    ) -> Result<Arc<OpenList>, Arc<anyhow::Error>> {
         self.open
             .try_get_with((), async {
                 let promotions = repo::list_open(db).await?;
                 let ids: Vec<i64> = promotions.iter().map(|p| p.id).collect();
                 let remaining = store.remaining_many(&ids).await?;
-                let listed = promotions
-                    .into_iter()
-                    .zip(remaining)
-                    .map(|(promotion, remaining)| Listed {
-                        promotion,
-                        remaining,
-                    })
-                    .collect();
-                Ok::<_, anyhow::Error>(Arc::new(listed))
+                let rows = promotions.into_iter().zip(remaining).collect();
+                Ok::<_, anyhow::Error>(Arc::new(OpenList::new(rows, Utc::now())))
             })
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::Duration;
+
+    use super::*;
+
+    fn promotion(id: i64, starts_at: DateTime<Utc>, ends_at: DateTime<Utc>) -> Promotion {
+        Promotion {
+            id,
+            name: format!("p{id}"),
+            stock: 10,
+            per_user_limit: 1,
+            price_cents: 100,
+            starts_at,
+            ends_at,
+            require_token: false,
+            require_captcha: false,
+        }
+    }
+
+    #[test]
+    fn cached_bodies_are_served_until_the_next_start_or_end_then_serialized_afresh() {
+        let t0 = Utc::now();
+        let active = promotion(1, t0 - Duration::minutes(1), t0 + Duration::minutes(10));
+        let upcoming = promotion(2, t0 + Duration::seconds(2), t0 + Duration::minutes(5));
+        let open = OpenList::new(vec![(active, Some(3)), (upcoming, None)], t0);
+
+        let body = open.list_body(t0 + Duration::seconds(1)).expect("fresh");
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["promotions"][0]["status"], "active");
+        assert_eq!(v["promotions"][0]["remaining"], 3);
+        assert_eq!(v["promotions"][1]["status"], "upcoming");
+
+        // Promotion 2 started: the bodies of the fill no longer hold.
+        let later = t0 + Duration::seconds(3);
+        assert!(open.list_body(later).is_none());
+        let v = OpenList::list_json(&open.listed, later);
+        assert_eq!(v["promotions"][1]["status"], "active");
+        let two = open.find(2, later).expect("listed");
+        let v: serde_json::Value = serde_json::from_slice(&open.body_of(two, later)).unwrap();
+        assert_eq!(v["status"], "active");
+
+        // Ended promotions leave the list and are not found.
+        let after = t0 + Duration::minutes(6);
+        assert!(open.find(2, after).is_none());
+        assert_eq!(
+            OpenList::list_json(&open.listed, after)["promotions"]
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
     }
 }

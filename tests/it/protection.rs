@@ -793,3 +793,87 @@ async fn purchases_queued_behind_calls_in_flight_share_the_next_calls_and_each_g
     assert_eq!(stats["sold"], 100, "{stats}");
     app.stop().await;
 }
+
+/// API.md: `404`, `403 not_started`/`ended` and `410 sold_out` are public
+/// facts and may come before the JWT check; the purchase handler answers them
+/// first, and everything that reads or changes a buyer's state still needs a
+/// valid JWT (`401`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purchase_answers_the_public_facts_before_the_jwt_and_the_rest_after_it() {
+    let mut app = crate::helpers::spawn_app().await;
+    let on_sale = app.active_promotion(1, 1).await;
+    let now = chrono::Utc::now();
+    let upcoming = app
+        .create_promotion(json!({
+            "name": "later", "stock": 5, "per_user_limit": 1, "price_cents": 100,
+            "starts_at": crate::helpers::rfc3339(now + chrono::Duration::hours(1)),
+            "ends_at": crate::helpers::rfc3339(now + chrono::Duration::hours(2)),
+        }))
+        .await["id"]
+        .as_i64()
+        .unwrap();
+    let anonymous = |path: String, bearer: Option<&'static str>| {
+        let mut req = app.client.post(app.url(&path)).json(&json!({}));
+        if let Some(b) = bearer {
+            req = req.bearer_auth(b);
+        }
+        async move { read(req.send().await.expect("answered")).await }
+    };
+    let buy = |id: i64| format!("/api/promotions/{id}/purchase");
+
+    // On sale: the buyer's state is at stake, so the JWT comes first.
+    let (status, v) = anonymous(buy(on_sale), None).await;
+    crate::helpers::assert_error(
+        status,
+        &v,
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "on sale, no JWT",
+    );
+    let (status, v) = app.purchase(on_sale, 1).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let (status, v) = app.purchase(on_sale, 2).await;
+    crate::helpers::assert_error(
+        status,
+        &v,
+        StatusCode::GONE,
+        "sold_out",
+        "the script's sold out",
+    );
+    // Sold out (the local flag), unknown, not started, bad id: before the JWT.
+    for bearer in [None, Some("not-a-jwt")] {
+        let (status, v) = anonymous(buy(on_sale), bearer).await;
+        crate::helpers::assert_error(
+            status,
+            &v,
+            StatusCode::GONE,
+            "sold_out",
+            "sold out, no valid JWT",
+        );
+        let (status, v) = anonymous(buy(upcoming), bearer).await;
+        crate::helpers::assert_error(
+            status,
+            &v,
+            StatusCode::FORBIDDEN,
+            "not_started",
+            "upcoming, no valid JWT",
+        );
+        let (status, v) = anonymous(buy(987_654_321), bearer).await;
+        crate::helpers::assert_error(
+            status,
+            &v,
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "unknown, no valid JWT",
+        );
+        let (status, v) = anonymous("/api/promotions/abc/purchase".into(), bearer).await;
+        crate::helpers::assert_error(
+            status,
+            &v,
+            StatusCode::BAD_REQUEST,
+            "invalid_id",
+            "bad id, no valid JWT",
+        );
+    }
+    app.stop().await;
+}

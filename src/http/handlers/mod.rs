@@ -25,7 +25,7 @@ pub(crate) async fn sale_meta(state: &AppState, id: i64) -> Result<Arc<Promotion
         return Ok(meta);
     }
     let known = match state.cache.open(&state.db, &state.store).await {
-        Ok(open) => open.iter().any(|l| l.promotion.id == id),
+        Ok(open) => open.listed.iter().any(|l| l.promotion.id == id),
         Err(e) => {
             tracing::debug!(error = %e, "open promotions not loaded; an unknown promotion is 404");
             false

@@ -1,38 +1,33 @@
 //! `GET /api/promotions` and `GET /api/promotions/{id}`: open promotions,
 //! public fields, served from the local cache. No authentication.
+//!
+//! The bodies are serialized once per cache fill
+//! ([`OpenList`](crate::promotions::cache::OpenList)); after a start or an
+//! end passed since the fill, they are serialized afresh per request until
+//! the entry expires, so `status` is always the one at the request's time.
 
 use chrono::Utc;
 use hyper::StatusCode;
 
 use crate::http::request::Request;
-use crate::http::{ApiError, Response, json};
+use crate::http::{ApiError, Response, json, json_bytes};
+use crate::promotions::cache::OpenList;
 
 pub async fn list(req: Request) -> Result<Response, ApiError> {
     let state = &req.state;
-    let listed = state.cache.open(&state.db, &state.store).await?;
+    let open = state.cache.open(&state.db, &state.store).await?;
     let now = Utc::now();
-    let items: Vec<_> = listed
-        .iter()
-        .filter(|l| l.promotion.ends_at > now)
-        .map(|l| l.promotion.to_public_json(now, l.remaining))
-        .collect();
-    Ok(json(
-        StatusCode::OK,
-        &serde_json::json!({"promotions": items}),
-    ))
+    Ok(match open.list_body(now) {
+        Some(body) => json_bytes(StatusCode::OK, body),
+        None => json(StatusCode::OK, &OpenList::list_json(&open.listed, now)),
+    })
 }
 
 pub async fn get(req: Request) -> Result<Response, ApiError> {
     let id = req.id()?;
     let state = &req.state;
-    let listed = state.cache.open(&state.db, &state.store).await?;
+    let open = state.cache.open(&state.db, &state.store).await?;
     let now = Utc::now();
-    let found = listed
-        .iter()
-        .find(|l| l.promotion.id == id && l.promotion.ends_at > now)
-        .ok_or_else(ApiError::not_found)?;
-    Ok(json(
-        StatusCode::OK,
-        &found.promotion.to_public_json(now, found.remaining),
-    ))
+    let found = open.find(id, now).ok_or_else(ApiError::not_found)?;
+    Ok(json_bytes(StatusCode::OK, open.body_of(found, now)))
 }

@@ -2,8 +2,9 @@
 //! `GET /api/promotions/{id}/result`.
 //!
 //! The purchase path touches only Redis, and only once: the local cache
-//! answers unknown, not-started, ended and recently sold-out promotions; what
-//! passes runs `lua/purchase.lua`, which decides atomically.
+//! answers unknown, not-started, ended and recently sold-out promotions,
+//! before the JWT is verified or the body read (these are public facts);
+//! what passes runs `lua/purchase.lua`, which decides atomically.
 
 use hyper::StatusCode;
 use serde::Deserialize;
@@ -24,8 +25,27 @@ struct PurchaseBody {
 
 pub async fn purchase(req: Request) -> Result<Response, ApiError> {
     let id = req.id()?;
-    let user_id = req.user()?;
     let state = req.state.clone();
+    // The public facts first (API.md lets them come before the JWT check):
+    // unknown, outside the window, sold out. None of them reads the body,
+    // verifies a JWT or takes an in-flight permit, so a crowd refused after
+    // the sale costs the gateway little more than `GET /health`.
+    let meta = super::sale_meta(&state, id).await?;
+    // Surely outside the window by Redis's clock: refused here. Near its
+    // edges, the script decides.
+    match state.clock.outside(meta.starts_ms, meta.ends_ms) {
+        Some(true) => return Err(rejected(ApiError::not_started())),
+        Some(false) => return Err(rejected(ApiError::ended())),
+        None => {}
+    }
+    let probe = match state.cache.sold_out(id).await {
+        SoldOut::Fresh => return Err(rejected(ApiError::sold_out())),
+        SoldOut::Probe(guard) => Some(guard),
+        SoldOut::NotFlagged => None,
+    };
+
+    // Whatever reads or changes the buyer's state: a valid JWT first.
+    let user_id = req.user()?;
     if let Err(limited) = state.limits.check_user(user_id) {
         return Err(rejected(limited.into()));
     }
@@ -36,14 +56,6 @@ pub async fn purchase(req: Request) -> Result<Response, ApiError> {
         return Err(ApiError::unavailable("too many purchases in flight"));
     };
 
-    let meta = super::sale_meta(&state, id).await?;
-    // Surely outside the window by Redis's clock: refused here. Near its
-    // edges, the script decides.
-    match state.clock.outside(meta.starts_ms, meta.ends_ms) {
-        Some(true) => return Err(rejected(ApiError::not_started())),
-        Some(false) => return Err(rejected(ApiError::ended())),
-        None => {}
-    }
     let now_ms = state.clock.now_ms();
     if meta.require_token
         && let Err(why) = state
@@ -58,11 +70,6 @@ pub async fn purchase(req: Request) -> Result<Response, ApiError> {
         );
         return Err(rejected(ApiError::invalid_token()));
     }
-    let probe = match state.cache.sold_out(id).await {
-        SoldOut::Fresh => return Err(rejected(ApiError::sold_out())),
-        SoldOut::Probe(guard) => Some(guard),
-        SoldOut::NotFlagged => None,
-    };
     // Only what will reach Redis counts against the ceiling that protects it.
     if let Err(limited) = state.limits.check_global() {
         return Err(rejected(limited.into()));
