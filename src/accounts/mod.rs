@@ -2,8 +2,8 @@
 //! JWT the user routes take.
 //!
 //! Passwords are hashed with Argon2id and its recommended parameters, on
-//! tokio's blocking threads (a hash takes tens of milliseconds of CPU, which
-//! must not stall the gateway's runtime). A login for an unknown username
+//! threads of their own, one per core (a hash takes tens of milliseconds of
+//! CPU, which must not stall the gateway's runtime). A login for an unknown username
 //! verifies the password against a fixed hash all the same, so the answer
 //! takes as long as for a wrong password and tells nothing about which
 //! usernames exist.
@@ -76,28 +76,73 @@ static DECOY: LazyLock<String> = LazyLock::new(|| {
         .to_string()
 });
 
-/// Hashes `password` on a blocking thread.
+/// A job for the hashing threads.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The threads that hash: one per core, for the life of the process. An
+/// Argon2id hash allocates 19 MiB; on threads of their own those blocks are
+/// reused from one hash to the next, where tokio's blocking pool would spread
+/// them over many threads' allocator arenas and keep them all.
+static HASHERS: LazyLock<std::sync::Mutex<std::sync::mpsc::Sender<Job>>> = LazyLock::new(|| {
+    let (tx, rx) = std::sync::mpsc::channel::<Job>();
+    let rx = Arc::new(std::sync::Mutex::new(rx));
+    for n in 0..hashing_slots() {
+        let rx = Arc::clone(&rx);
+        std::thread::Builder::new()
+            .name(format!("seckill-argon2-{n}"))
+            .spawn(move || {
+                loop {
+                    let job = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    }
+                }
+            })
+            .expect("a hashing thread starts");
+    }
+    std::sync::Mutex::new(tx)
+});
+
+/// Hashes running at once: one per core.
+fn hashing_slots() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Runs `f` on a hashing thread.
+async fn on_hasher<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> anyhow::Result<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let job: Job = Box::new(move || {
+        let _ = tx.send(f());
+    });
+    HASHERS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send(job)
+        .map_err(|_| anyhow::anyhow!("the hashing threads are gone"))?;
+    rx.await.context("a hashing job ended without an answer")
+}
+
+/// Hashes `password` on a hashing thread.
 async fn hash(password: String) -> anyhow::Result<String> {
-    tokio::task::spawn_blocking(move || {
+    on_hasher(move || {
         Argon2::default()
             .hash_password(password.as_bytes())
             .map(|h| h.to_string())
             .map_err(|e| anyhow::anyhow!("argon2: {e}"))
     })
-    .await
-    .context("the password hashing task failed")?
+    .await?
 }
 
-/// Whether `password` matches the PHC string `hash`, on a blocking thread.
+/// Whether `password` matches the PHC string `hash`, on a hashing thread.
 async fn verify(password: String, hash: String) -> anyhow::Result<bool> {
-    tokio::task::spawn_blocking(move || {
+    on_hasher(move || {
         let parsed = PasswordHash::new(&hash).map_err(|e| anyhow::anyhow!("stored hash: {e}"))?;
         Ok(Argon2::default()
             .verify_password(password.as_bytes(), &parsed)
             .is_ok())
     })
-    .await
-    .context("the password verifying task failed")?
+    .await?
 }
 
 /// The account workflows.
@@ -111,10 +156,9 @@ pub struct Accounts {
 
 impl Accounts {
     pub fn new(db: PgPool) -> Self {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         Accounts {
             db,
-            hashing: Arc::new(Semaphore::new(cores)),
+            hashing: Arc::new(Semaphore::new(hashing_slots())),
         }
     }
 
