@@ -73,10 +73,19 @@ end
 
 local stock = tonumber(redis.call('GET', KEYS[2]) or '0')
 
+-- What every buyer of the call changes in the same key is written once, after
+-- the loop: the stock, `sold`, and the results and won hashes. Per buyer
+-- stay only what the next buyer of the same call must see (the buyer's count,
+-- the won hash through `accepted`) and the stream entry.
+local taken = 0
+local results = {}
+local won = {}
+local accepted = {}
+
 for i = 1, n do
   local user_id = ARGV[2 * i]
   local order_id = ARGV[2 * i + 1]
-  if redis.call('HEXISTS', KEYS[6], order_id) == 1 then
+  if accepted[order_id] or redis.call('HEXISTS', KEYS[6], order_id) == 1 then
     out[i] = 1
   elseif closed ~= 0 then
     out[i] = closed
@@ -87,11 +96,14 @@ for i = 1, n do
     elseif stock <= 0 then
       out[i] = 0
     else
-      stock = redis.call('DECR', KEYS[2])
+      stock = stock - 1
+      taken = taken + 1
+      accepted[order_id] = true
       local seq = redis.call('HINCRBY', KEYS[3], user_id, 1)
-      redis.call('HINCRBY', KEYS[1], 'sold', 1)
-      redis.call('HSET', KEYS[5], user_id, order_id)
-      redis.call('HSET', KEYS[6], order_id, user_id)
+      results[#results + 1] = user_id
+      results[#results + 1] = order_id
+      won[#won + 1] = order_id
+      won[#won + 1] = user_id
       redis.call('XADD', KEYS[4], '*',
         'order_id', order_id,
         'promotion_id', promotion_id,
@@ -102,6 +114,21 @@ for i = 1, n do
       out[i] = 1
     end
   end
+end
+
+-- HSET of many pairs, in slices that stay far below Lua's argument limit
+-- whatever the batch size.
+local function hset_all(key, pairs)
+  for first = 1, #pairs, 200 do
+    redis.call('HSET', key, unpack(pairs, first, math.min(first + 199, #pairs)))
+  end
+end
+
+if taken > 0 then
+  redis.call('DECRBY', KEYS[2], taken)
+  redis.call('HINCRBY', KEYS[1], 'sold', taken)
+  hset_all(KEYS[5], results)
+  hset_all(KEYS[6], won)
 end
 
 return out

@@ -69,9 +69,12 @@ macro_rules! insert_batch_sql {
          $5::bigint[], $6::timestamptz[])"
     };
 }
-const INSERT_BATCH: &str = insert_batch_sql!();
 const INSERT_BATCH_SKIPPING: &str =
     concat!(insert_batch_sql!(), " ON CONFLICT (order_id) DO NOTHING");
+
+/// The columns [`copy_rows`] sends, in the order it encodes them.
+const COPY_ORDERS: &str = "COPY orders (order_id, promotion_id, user_id, seq, price_cents, \
+     created_at) FROM STDIN (FORMAT binary)";
 
 /// What a batch insert did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -105,11 +108,12 @@ impl Refused {
 /// message: same `order_id`) is skipped, not an error, so a redelivery can
 /// never poison the stream.
 ///
-/// The first try is a plain insert, which costs PostgreSQL about a fifth less
-/// per row than `ON CONFLICT` (no speculative insertion). When the batch holds
-/// an order already there (a redelivery after a crash, rare), it fails whole
-/// with a unique violation and writes nothing; it is then written again with
-/// `ON CONFLICT (order_id) DO NOTHING`, which skips those rows. Any other
+/// The first try is a binary `COPY`, the cheapest way into PostgreSQL: no
+/// statement to plan, no arrays to unpack, no speculative insertion. When the
+/// batch holds an order already there (a redelivery after a crash, rare), the
+/// `COPY` fails whole with a unique violation and writes nothing; the batch
+/// is then written again with `INSERT … ON CONFLICT (order_id) DO NOTHING`,
+/// which skips those rows. Any other
 /// unique violation (a second order for one buyer's `seq`) is never skipped
 /// silently: the batch is then written row by row and the refused rows are
 /// returned in [`Inserted::refused`], and so is an order of a promotion that
@@ -124,7 +128,7 @@ pub async fn insert_batch(db: &PgPool, batch: &[&OrderMessage]) -> anyhow::Resul
         rows,
         refused: Vec::new(),
     };
-    match insert_rows(db, INSERT_BATCH, batch).await {
+    match copy_rows(db, batch).await {
         Ok(rows) => return Ok(written(rows)),
         Err(e) if refusal(&e).is_none() => return Err(e).with_context(context),
         Err(_) => {}
@@ -159,6 +163,45 @@ fn refusal(e: &sqlx::Error) -> Option<Refused> {
     } else {
         None
     }
+}
+
+/// One binary `COPY` of `batch` into `orders`: all rows or none.
+async fn copy_rows(db: &PgPool, batch: &[&OrderMessage]) -> Result<u64, sqlx::Error> {
+    use sqlx::postgres::PgPoolCopyExt;
+    let mut copy = db.copy_in_raw(COPY_ORDERS).await?;
+    copy.send(encode_binary_copy(batch)).await?;
+    copy.finish().await
+}
+
+/// The microseconds from the Unix epoch to PostgreSQL's, 2000-01-01 UTC.
+const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+/// `batch` in PostgreSQL's binary `COPY` format: the signature and header,
+/// then per row its field count and each field as a length and big-endian
+/// bytes (`text` as UTF-8, `bigint` as 8 bytes, `timestamptz` as
+/// microseconds since 2000-01-01), then the trailer.
+fn encode_binary_copy(batch: &[&OrderMessage]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(19 + batch.len() * 110 + 2);
+    out.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+    out.extend_from_slice(&0i32.to_be_bytes()); // flags: no OIDs
+    out.extend_from_slice(&0i32.to_be_bytes()); // header extension length
+    let int8 = |out: &mut Vec<u8>, v: i64| {
+        out.extend_from_slice(&8i32.to_be_bytes());
+        out.extend_from_slice(&v.to_be_bytes());
+    };
+    for m in batch {
+        out.extend_from_slice(&6i16.to_be_bytes());
+        let id = m.order_id.as_bytes();
+        out.extend_from_slice(&(id.len() as i32).to_be_bytes());
+        out.extend_from_slice(id);
+        int8(&mut out, m.promotion_id);
+        int8(&mut out, m.user_id);
+        int8(&mut out, m.seq);
+        int8(&mut out, m.price_cents);
+        int8(&mut out, m.created_at.timestamp_micros() - PG_EPOCH_MICROS);
+    }
+    out.extend_from_slice(&(-1i16).to_be_bytes());
+    out
 }
 
 /// One `INSERT … SELECT FROM unnest(…)` of `batch` with `sql`.

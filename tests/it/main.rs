@@ -8,6 +8,7 @@ mod procs;
 mod accounts;
 mod admin;
 mod compose;
+mod copy;
 mod docs;
 mod faults;
 mod fuzz;

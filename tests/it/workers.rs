@@ -136,7 +136,7 @@ async fn a_batch_mixing_written_and_new_orders_writes_only_the_new_ones() {
     let entries = w.read_new().await.unwrap();
     assert_eq!(entries.len(), 5);
     // Two of them were written before a crash; the redelivered batch holds
-    // them and three new ones: the plain insert fails on the two, and the
+    // them and three new ones: the binary COPY fails on the two, and the
     // retry that skips conflicts writes exactly the three.
     assert_eq!(w.persist(&entries[..2], &never).await.unwrap().rows, 2);
     assert_eq!(w.persist(&entries, &never).await.unwrap().rows, 3);
