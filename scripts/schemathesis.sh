@@ -29,7 +29,7 @@
 # Environment (defaults in brackets):
 #   ST_MAX_EXAMPLES [25]   cases per operation and phase
 #   ST_SEED         [13]   Schemathesis's random seed
-#   ST_WORKERS      [2]    concurrent Schemathesis workers
+#   ST_WORKERS      [1]    concurrent Schemathesis workers (1: the same cases each run)
 #   ST_CHECKS       [all], ST_EXCLUDE_CHECKS [positive_data_acceptance]
 #   ST_VENV         [target/schemathesis-venv]
 #   plus what loadtest/lib.sh reads (SECKILL_REDIS_URL, LT_PG_SERVER, LT_KEEP).
@@ -42,7 +42,7 @@ source loadtest/lib.sh
 ST_VERSION=4.32.5
 ST_MAX_EXAMPLES=${ST_MAX_EXAMPLES:-25}
 ST_SEED=${ST_SEED:-13}
-ST_WORKERS=${ST_WORKERS:-2}
+ST_WORKERS=${ST_WORKERS:-1}
 ST_VENV=${ST_VENV:-${CARGO_TARGET_DIR:-target}/schemathesis-venv}
 case $ST_VENV in /*) ;; *) ST_VENV=$LT_ROOT/$ST_VENV ;; esac
 

@@ -17,8 +17,11 @@
 #   registers an account and logs in for the JWT it buys with, instead of
 #   using the CSV's. Off by default so the purchase-only figures stay
 #   comparable. Two Argon2id hashes per buyer: with LOGIN=1 the defaults
-#   become STOCK [100], USERS [200], RAMPUP [10]. Every register must be
-#   201 and every login 200.
+#   become STOCK [50], USERS [100], RAMPUP [20] (5 buyers a second), and the
+#   gateway's failed-login budget is off (SECKILL_RATE_LOGIN_FAILURES [0]:
+#   every buyer comes from this one address, and a login reserves a failure
+#   until its password is checked). Every register must be 201 and every
+#   login 200.
 #   --keep keeps the scratch state and results.
 
 set -euo pipefail
@@ -30,9 +33,10 @@ keep=0
 [[ ${1:-} == --keep ]] && keep=1
 LOGIN=${LOGIN:-0}
 if [[ $LOGIN == 1 ]]; then
-	STOCK=${STOCK:-100}
-	USERS=${USERS:-200}
-	RAMPUP=${RAMPUP:-10}
+	STOCK=${STOCK:-50}
+	USERS=${USERS:-100}
+	RAMPUP=${RAMPUP:-20}
+	export SECKILL_RATE_LOGIN_FAILURES=${SECKILL_RATE_LOGIN_FAILURES:-0}
 else
 	STOCK=${STOCK:-1000}
 	USERS=${USERS:-5000}
