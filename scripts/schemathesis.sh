@@ -117,8 +117,9 @@ st_run() {
 	lt_log "schemathesis: $name operations"
 	# The copy the gateway served (Schemathesis leaves out the operation
 	# that serves the document it loaded from a URL; from a file it tests
-	# that one too).
-	"$ST_VENV/bin/schemathesis" run "$LT_DIR/openapi.json" \
+	# that one too). It runs in $LT_DIR, where it keeps its cache
+	# (.schemathesis/), not in the repository.
+	(cd "$LT_DIR" && exec "$ST_VENV/bin/schemathesis" run "$LT_DIR/openapi.json" \
 		--url "$LT_URL" \
 		-H "Authorization: Bearer $auth" \
 		--checks "$checks" \
@@ -132,7 +133,7 @@ st_run() {
 		--suppress-health-check all \
 		--no-color \
 		--report junit,ndjson --report-dir "$LT_DIR/$name-report" \
-		"$@" >"$LT_DIR/$name.txt" 2>&1 || rc=$?
+		"$@") >"$LT_DIR/$name.txt" 2>&1 || rc=$?
 	return "$rc"
 }
 
