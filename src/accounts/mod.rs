@@ -186,7 +186,14 @@ impl Accounts {
 
     /// The user id of `username` when `password` is right.
     pub async fn login(&self, username: &str, password: &str) -> Result<i64, AccountError> {
-        let account = repo::find(&self.db, username).await?;
+        // A username no registration could accept names no account: it is
+        // not looked up (PostgreSQL refuses text with a NUL byte, which
+        // would be a 500), only checked against the decoy like any unknown
+        // one, so the answer and its time are the same.
+        let account = match check_username(username) {
+            Ok(()) => repo::find(&self.db, username).await?,
+            Err(_) => None,
+        };
         let (id, stored) = match account {
             Some(a) => (Some(a.id), a.password_hash),
             None => (None, DECOY.clone()),

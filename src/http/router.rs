@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use hyper::header::{ALLOW, HeaderValue};
 use tracing::Instrument;
 
-use super::handlers::{accounts, admin, admission, ops, orders, public, purchase};
+use super::handlers::{accounts, admin, admission, openapi, ops, orders, public, purchase};
 use super::request::{self, Request};
 use super::state::AppState;
 use super::{ApiError, Response};
@@ -37,11 +37,12 @@ pub enum Route {
     Captcha,
     Register,
     Login,
+    OpenApi,
 }
 
 impl Route {
     /// Every route.
-    pub const ALL: [Route; 16] = [
+    pub const ALL: [Route; 17] = [
         Route::Health,
         Route::Ready,
         Route::Metrics,
@@ -58,6 +59,7 @@ impl Route {
         Route::Captcha,
         Route::Register,
         Route::Login,
+        Route::OpenApi,
     ];
 
     /// A short label for metrics and logs.
@@ -79,10 +81,11 @@ impl Route {
             Route::Captcha => "captcha",
             Route::Register => "register",
             Route::Login => "login",
+            Route::OpenApi => "openapi",
         }
     }
 
-    fn allowed(self) -> &'static str {
+    pub(crate) fn allowed(self) -> &'static str {
         match self {
             Route::AdminPromotions => "GET, POST",
             Route::AdminPromotion => "GET, PUT, DELETE",
@@ -111,7 +114,7 @@ pub const ROUTE_LABELS: [&str; Route::ALL.len() + 1] = {
     out
 };
 
-static ROUTES: LazyLock<matchit::Router<Route>> = LazyLock::new(|| {
+pub(crate) static ROUTES: LazyLock<matchit::Router<Route>> = LazyLock::new(|| {
     let mut r = matchit::Router::new();
     let table = [
         ("/health", Route::Health),
@@ -130,6 +133,7 @@ static ROUTES: LazyLock<matchit::Router<Route>> = LazyLock::new(|| {
         ("/api/login", Route::Login),
         ("/api/orders/{id}/pay", Route::OrderPay),
         ("/api/orders/{id}/cancel", Route::OrderCancel),
+        ("/openapi.json", Route::OpenApi),
     ];
     for (path, route) in table {
         r.insert(path, route).expect("route table is valid");
@@ -237,6 +241,7 @@ async fn dispatch(
         (Route::Captcha, Method::GET) => Box::pin(admission::captcha(req)),
         (Route::Register, Method::POST) => Box::pin(accounts::register(req)),
         (Route::Login, Method::POST) => Box::pin(accounts::login(req)),
+        (Route::OpenApi, Method::GET) => Box::pin(openapi::document(req)),
         _ => {
             let mut res = ApiError::method_not_allowed().into_response();
             res.headers_mut()

@@ -15,6 +15,7 @@ mod fuzz;
 mod input;
 mod lifecycle;
 mod nginx;
+mod openapi;
 mod ops;
 mod orders_and_limits;
 mod protection;

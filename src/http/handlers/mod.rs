@@ -5,6 +5,7 @@
 pub mod accounts;
 pub mod admin;
 pub mod admission;
+pub mod openapi;
 pub mod ops;
 pub mod orders;
 pub mod public;
