@@ -12,6 +12,13 @@ use seckill::config::Settings;
 use seckill::recovery;
 use seckill::stock::{ConnectOptions, Keys, Store};
 
+/// mimalloc instead of the system allocator: a request, a purchase batch and
+/// a worker's batch each make many small short-lived allocations, which
+/// glibc's malloc served at 20–35 % of the CPU in `perf` (see
+/// docs/decisions.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "seckill", version, about = "A flash-sale gateway")]
 struct Cli {

@@ -20,7 +20,7 @@ use futures_util::{Stream, StreamExt};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::streams::{
     StreamAutoClaimOptions, StreamAutoClaimReply, StreamInfoConsumersReply, StreamPendingReply,
-    StreamRangeReply, StreamReadOptions, StreamReadReply,
+    StreamRangeReply, StreamReadOptions,
 };
 use redis::{
     AsyncCommands, ErrorKind, ExistenceCheck, RedisError, RedisResult, SetExpiry, SetOptions,
@@ -28,7 +28,7 @@ use redis::{
 
 use super::keys::Keys;
 use super::lua::{self, Name, codes, script};
-use super::message::{Entry, OrderMessage};
+use super::message::{Entry, OrderMessage, ReadReply};
 
 /// Entries read per page when a stream is read whole, and members written
 /// per command when a hash or set is refilled.
@@ -770,17 +770,12 @@ impl Store {
             .count(count)
             .block(block.as_millis() as usize);
         let ids = vec![">"; streams.len()];
-        let reply: Option<StreamReadReply> =
-            match self.conn().xread_options(streams, &ids, &options).await {
-                Ok(r) => r,
-                Err(e) if e.code() == Some("NOGROUP") => return Ok(None),
-                Err(e) => return Err(e).context("failed to read order streams"),
-            };
-        let mut out = Vec::new();
-        for key in reply.map(|r| r.keys).unwrap_or_default() {
-            out.extend(key.ids.into_iter().map(|sid| Entry::new(&key.key, sid)));
-        }
-        Ok(Some(out))
+        let reply: ReadReply = match self.conn().xread_options(streams, &ids, &options).await {
+            Ok(r) => r,
+            Err(e) if e.code() == Some("NOGROUP") => return Ok(None),
+            Err(e) => return Err(e).context("failed to read order streams"),
+        };
+        Ok(Some(reply.0))
     }
 
     /// Creates the consumer group of each stream that lacks one.
