@@ -7,6 +7,7 @@ mod procs;
 
 mod accounts;
 mod admin;
+mod browser;
 mod compose;
 mod copy;
 mod docs;
@@ -15,6 +16,7 @@ mod fuzz;
 mod input;
 mod lifecycle;
 mod nginx;
+mod nginx_web;
 mod openapi;
 mod ops;
 mod orders_and_limits;
