@@ -407,6 +407,83 @@ async fn error_codes_are_shown_as_sentences_a_buyer_understands() {
     client.close().await.unwrap();
 }
 
+/// The answer of the captcha the page shows for `promotion`, read from
+/// Redis (where the gateway keeps it as `user:answer`).
+async fn captcha_answer(app: &TestApp, client: &Client, promotion: i64) -> String {
+    let img = format!("captcha-img-{promotion}");
+    let captcha_id = wait_for(
+        client,
+        &format!("document.getElementById('{img}').dataset.captchaId"),
+        "the captcha picture",
+    )
+    .await;
+    let key = app.keys.captcha(promotion, captcha_id.as_str().unwrap());
+    let value: String = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut app.redis.clone())
+        .await
+        .unwrap();
+    value.split_once(':').unwrap().1.to_string()
+}
+
+#[tokio::test]
+async fn a_buyer_passes_the_captcha_and_token_step_and_a_wrong_answer_gets_a_new_picture() {
+    let app = spawn_app().await;
+    let mut body = crate::helpers::active_body(5, 1);
+    body["require_captcha"] = json!(true);
+    let promotion = app.create_promotion(body).await["id"].as_i64().unwrap();
+    let mut steps = Steps::new("captcha");
+    let (_driver, client) = browser().await;
+    client.goto(&app.url("/")).await.unwrap();
+    wait_for(&client, "document.getElementById('login-form')", "the page").await;
+    register_in_page(&client, "dave").await;
+    let first = captcha_answer(&app, &client, promotion).await;
+    steps.done(&client, "captcha shown").await;
+
+    // A wrong answer: the invalid_captcha sentence, and a new picture.
+    let input = format!("captcha-answer-{promotion}");
+    let img = format!("captcha-img-{promotion}");
+    let shown_id = wait_for(
+        &client,
+        &format!("document.getElementById('{img}').dataset.captchaId"),
+        "id",
+    )
+    .await;
+    type_into(&client, &input, &format!("{first}x")).await;
+    click(&client, &format!("buy-{promotion}")).await;
+    let result = format!("result-{promotion}");
+    wait_for(
+        &client,
+        &format!("{}.includes('do not match the picture')", text_of(&result)),
+        "the invalid_captcha sentence",
+    )
+    .await;
+    wait_for(
+        &client,
+        &format!(
+            "document.getElementById('{img}').dataset.captchaId !== {}",
+            shown_id
+        ),
+        "a new picture",
+    )
+    .await;
+    steps.done(&client, "wrong answer").await;
+
+    // The right answer: token, purchase, confirmed.
+    let answer = captcha_answer(&app, &client, promotion).await;
+    type_into(&client, &input, &answer).await;
+    click(&client, &format!("buy-{promotion}")).await;
+    wait_for(
+        &client,
+        &format!("{}.includes('is confirmed')", text_of(&result)),
+        "the order to be confirmed",
+    )
+    .await;
+    assert_eq!(app.order_rows(promotion).await, 1);
+    steps.done(&client, "bought with the captcha").await;
+    client.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn the_console_creates_a_promotion_and_its_stats_move_while_a_sale_runs() {
     let app = spawn_app().await;
@@ -482,6 +559,13 @@ async fn the_console_creates_a_promotion_and_its_stats_move_while_a_sale_runs() 
     for (status, body) in futures_util::future::join_all(sales).await {
         assert_eq!(status, StatusCode::OK, "{body}");
     }
+    client
+        .execute(
+            "document.getElementById('stats-section').scrollIntoView(); return null",
+            vec![],
+        )
+        .await
+        .unwrap();
     wait_for(
         &client,
         &format!(

@@ -24,4 +24,5 @@ mod protection;
 mod purchase;
 mod races;
 mod shutdown;
+mod web;
 mod workers;

@@ -227,7 +227,9 @@ async function newCaptcha(id) {
       onWait: waitNotice,
     });
     captchas.set(id, body.captcha_id);
-    $("captcha-img-" + id).src = "data:image/png;base64," + body.image_png_base64;
+    const img = $("captcha-img-" + id);
+    img.src = "data:image/png;base64," + body.image_png_base64;
+    img.dataset.captchaId = body.captcha_id;
     $("captcha-answer-" + id).value = "";
   } catch (e) {
     showResult(id, e.message);
