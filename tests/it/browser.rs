@@ -762,3 +762,80 @@ async fn every_control_of_the_pages_is_reachable_by_keyboard_and_named() {
     }
     client.close().await.unwrap();
 }
+
+/// Wraps `fetch` in the page: every call's path, start time and status go
+/// to `window.__calls`.
+const RECORD_FETCH: &str = r#"
+window.__calls = [];
+const real = window.fetch.bind(window);
+window.fetch = async (path, init) => {
+  const call = { path: String(path), method: (init && init.method) || 'GET', at: performance.now(), status: null };
+  window.__calls.push(call);
+  const res = await real(path, init);
+  call.status = res.status;
+  return res;
+};
+return null;
+"#;
+
+#[tokio::test]
+async fn a_429_is_retried_after_its_retry_after_and_never_hammered() {
+    // One request per second per user: the result asked right after the
+    // purchase is refused with 429 and Retry-After.
+    let app = crate::helpers::spawn_app_with(seckill::app::Role::Serve, |s| s.rate_user = 1).await;
+    let promotion = app.active_promotion(5, 1).await;
+    let mut steps = Steps::new("retry");
+    let (_driver, client) = browser().await;
+    client.goto(&app.url("/")).await.unwrap();
+    wait_for(&client, "document.getElementById('login-form')", "the page").await;
+    client.execute(RECORD_FETCH, vec![]).await.unwrap();
+    register_in_page(&client, "erin").await;
+    let buy = format!("buy-{promotion}");
+    wait_for(
+        &client,
+        &format!("!document.getElementById('{buy}').disabled"),
+        "Buy",
+    )
+    .await;
+    click(&client, &buy).await;
+    wait_for(
+        &client,
+        &format!(
+            "{}.includes('is confirmed')",
+            text_of(&format!("result-{promotion}"))
+        ),
+        "the order to be confirmed despite the 429s",
+    )
+    .await;
+    steps.done(&client, "confirmed after 429s").await;
+
+    let calls = client
+        .execute("return window.__calls", vec![])
+        .await
+        .unwrap();
+    let calls = calls.as_array().unwrap();
+    let limited: Vec<&Value> = calls.iter().filter(|c| c["status"] == 429).collect();
+    assert!(
+        !limited.is_empty(),
+        "no 429 happened, so nothing was proved: {calls:?}"
+    );
+    for refused in &limited {
+        let (path, at) = (&refused["path"], refused["at"].as_f64().unwrap());
+        let next = calls
+            .iter()
+            .filter(|c| c["path"] == *path && c["at"].as_f64().unwrap() > at)
+            .map(|c| c["at"].as_f64().unwrap())
+            .fold(f64::INFINITY, f64::min);
+        assert!(
+            next - at >= 950.0,
+            "{path} asked again {:.0} ms after a 429 with Retry-After: 1",
+            next - at
+        );
+    }
+    println!(
+        "browser retry: {} requests, {} answered 429, each followed by a wait of at least 1 s",
+        calls.len(),
+        limited.len()
+    );
+    client.close().await.unwrap();
+}
