@@ -5,7 +5,8 @@
 #   2. cargo build --release
 #   3. target/release/seckill serve in the background, wait for /health
 #   4. create a demo promotion (100 phones, 1 per user, on sale now for 1 h),
-#      mint a JWT for user 42, print ready-to-paste curl commands
+#      mint a JWT for user 42, print the sale page's and the operator
+#      console's addresses and ready-to-paste curl commands
 #   5. wait for the server in the foreground; Ctrl-C (or TERM/HUP) is passed on
 #      as SIGTERM so it shuts down gracefully; exits with the server's status.
 #
@@ -184,6 +185,11 @@ cat <<EOF
  seckill demo: gateway at $base_url (pid $server_pid); Ctrl-C stops it.
  Promotion $promo_id "Demo phone flash sale": 100 in stock, 1 per user,
  on sale until $ends_at. The token below is user $demo_user's, valid 1 hour.
+
+ Sale page:        $base_url/
+                   (create an account in the page, then buy)
+ Operator console: $base_url/console/
+                   (admin token: the value of SECKILL_ADMIN_TOKEN)
 ==============================================================================
 
 # Buy (a second time: 409 already_purchased)

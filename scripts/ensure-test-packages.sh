@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # scripts/ensure-test-packages.sh — make sure the system packages the tests
 # use are installed: nginx and its Lua module for tests/it/nginx.rs (which
-# runs nginx with its own prefix and ports), and libfaketime for the test of
-# gateways with skewed clocks (tests/it/races.rs).
+# runs nginx with its own prefix and ports), libfaketime for the test of
+# gateways with skewed clocks (tests/it/races.rs), and headless Chromium
+# with its WebDriver for the browser tests (tests/it/browser.rs).
 #
 # Idempotent and quiet: when they are present it prints nothing and exits 0.
 # Otherwise it installs the missing Debian packages (`nginx`,
-# `libnginx-mod-http-lua`, `libfaketime`) with apt-get (noninteractive,
+# `libnginx-mod-http-lua`, `libfaketime`, `chromium`, `chromium-driver`) with apt-get (noninteractive,
 # `apt-get update` once, output in $SECKILL_STATE_DIR/apt.log, shown only on
 # failure).
 #
@@ -22,10 +23,13 @@ set -euo pipefail
 NGINX=/usr/sbin/nginx
 LUA_MODULE=/usr/lib/nginx/modules/ngx_http_lua_module.so
 NDK_MODULE=/usr/lib/nginx/modules/ndk_http_module.so
+CHROMIUM=/usr/bin/chromium
+CHROMEDRIVER=/usr/bin/chromedriver
 
 packages=()
 [[ -x $NGINX && -f $LUA_MODULE && -f $NDK_MODULE ]] || packages+=(nginx libnginx-mod-http-lua)
 compgen -G '/usr/lib/*/faketime/libfaketime.so.1' >/dev/null || packages+=(libfaketime)
+[[ -x $CHROMIUM && -x $CHROMEDRIVER ]] || packages+=(chromium chromium-driver)
 if ((${#packages[@]} == 0)); then
 	exit 0
 fi
@@ -99,4 +103,6 @@ fi
 	die "the Lua module ($LUA_MODULE, $NDK_MODULE) is still missing after the install"
 compgen -G '/usr/lib/*/faketime/libfaketime.so.1' >/dev/null ||
 	die "libfaketime is still missing after the install"
-printf 'ensure-test-packages: %s, libfaketime\n' "$("$NGINX" -v 2>&1)"
+[[ -x $CHROMIUM && -x $CHROMEDRIVER ]] ||
+	die "chromium or chromium-driver is still missing after the install"
+printf 'ensure-test-packages: %s, libfaketime, %s\n' "$("$NGINX" -v 2>&1)" "$("$CHROMEDRIVER" --version 2>/dev/null | head -n 1)"

@@ -2,7 +2,7 @@
 # scripts/test.sh — the one command that runs the whole test suite.
 #
 #   1. scripts/deps.sh: Redis and PostgreSQL up (the ones the tests use),
-#      scripts/ensure-test-packages.sh: nginx, its Lua module and libfaketime installed,
+#      scripts/ensure-test-packages.sh: nginx, its Lua module, libfaketime, chromium and chromium-driver installed,
 #   2. cargo fmt --all -- --check
 #   3. cargo clippy --all-targets -- -D warnings
 #   4. cargo test --all-targets -- --test-threads=$SECKILL_TEST_THREADS

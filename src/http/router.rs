@@ -13,7 +13,9 @@ use hyper::body::Incoming;
 use hyper::header::{ALLOW, HeaderValue};
 use tracing::Instrument;
 
-use super::handlers::{accounts, admin, admission, openapi, ops, orders, public, purchase};
+use super::handlers::{
+    accounts, admin, admission, openapi, ops, orders, public, purchase, reconcile, web,
+};
 use super::request::{self, Request};
 use super::state::AppState;
 use super::{ApiError, Response};
@@ -38,11 +40,15 @@ pub enum Route {
     Register,
     Login,
     OpenApi,
+    AdminReconcile,
+    SalePage,
+    ConsolePage,
+    WebAsset,
 }
 
 impl Route {
     /// Every route.
-    pub const ALL: [Route; 17] = [
+    pub const ALL: [Route; 21] = [
         Route::Health,
         Route::Ready,
         Route::Metrics,
@@ -60,6 +66,10 @@ impl Route {
         Route::Register,
         Route::Login,
         Route::OpenApi,
+        Route::AdminReconcile,
+        Route::SalePage,
+        Route::ConsolePage,
+        Route::WebAsset,
     ];
 
     /// A short label for metrics and logs.
@@ -82,6 +92,10 @@ impl Route {
             Route::Register => "register",
             Route::Login => "login",
             Route::OpenApi => "openapi",
+            Route::AdminReconcile => "admin_reconcile",
+            Route::SalePage => "sale_page",
+            Route::ConsolePage => "console_page",
+            Route::WebAsset => "web_asset",
         }
     }
 
@@ -134,6 +148,10 @@ pub(crate) static ROUTES: LazyLock<matchit::Router<Route>> = LazyLock::new(|| {
         ("/api/orders/{id}/pay", Route::OrderPay),
         ("/api/orders/{id}/cancel", Route::OrderCancel),
         ("/openapi.json", Route::OpenApi),
+        ("/admin/reconcile", Route::AdminReconcile),
+        ("/", Route::SalePage),
+        ("/console/", Route::ConsolePage),
+        ("/assets/{file}", Route::WebAsset),
     ];
     for (path, route) in table {
         r.insert(path, route).expect("route table is valid");
@@ -242,6 +260,10 @@ async fn dispatch(
         (Route::Register, Method::POST) => Box::pin(accounts::register(req)),
         (Route::Login, Method::POST) => Box::pin(accounts::login(req)),
         (Route::OpenApi, Method::GET) => Box::pin(openapi::document(req)),
+        (Route::AdminReconcile, Method::GET) => Box::pin(reconcile::report(req)),
+        (Route::SalePage, Method::GET) => Box::pin(web::sale_page(req)),
+        (Route::ConsolePage, Method::GET) => Box::pin(web::console_page(req)),
+        (Route::WebAsset, Method::GET) => Box::pin(web::asset(req)),
         _ => {
             let mut res = ApiError::method_not_allowed().into_response();
             res.headers_mut()

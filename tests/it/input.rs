@@ -878,7 +878,7 @@ async fn garbage_on_every_route_with_any_credentials_is_a_4xx_json_error_and_cha
         (Method::OPTIONS, p("/api/promotions"), None),
         (brew.clone(), p("/api/promotions/{id}/purchase"), Some("{}")),
         // unknown paths
-        (Method::GET, p("/"), None),
+        (Method::GET, p("/index.html"), None),
         (
             Method::POST,
             p("/api/promotions/{id}/purchase/now"),

@@ -61,6 +61,11 @@ fn prepare_prefix(port: u16, gateways: &[&str]) -> PathBuf {
             std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
         }
     }
+    // The static root of the pages (`root web;`).
+    copy_dir(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("web"),
+        &dir.join("web"),
+    );
     // Run as root, nginx's workers drop to `nobody`: they must reach the
     // temp and cache directories under the prefix.
     use std::os::unix::fs::PermissionsExt;
@@ -94,6 +99,23 @@ fn prepare_prefix(port: u16, gateways: &[&str]) -> PathBuf {
     dir
 }
 
+/// Copies the directory `src` to `dst`, readable by everybody.
+fn copy_dir(src: &Path, dst: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dst).unwrap();
+    std::fs::set_permissions(dst, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let path = entry.unwrap().path();
+        let to = dst.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_dir(&path, &to);
+        } else {
+            std::fs::copy(&path, &to).unwrap();
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+    }
+}
+
 /// `nginx -t` on `conf` in `dir`: success and nginx's output.
 fn nginx_t(dir: &Path, conf: &str) -> (bool, String) {
     let out = Command::new(nginx_bin())
@@ -111,7 +133,7 @@ fn nginx_t(dir: &Path, conf: &str) -> (bool, String) {
 }
 
 /// A private nginx, stopped (and its prefix removed) on drop.
-struct Nginx {
+pub(crate) struct Nginx {
     base: String,
     dir: PathBuf,
     child: Option<Child>,
@@ -120,7 +142,7 @@ struct Nginx {
 impl Nginx {
     /// Starts `nginx -p PREFIX -c PREFIX/conf -g 'daemon off;'` in front of
     /// `gateways`; returns once it accepts connections.
-    async fn start(conf: &str, gateways: &[&str]) -> Nginx {
+    pub(crate) async fn start(conf: &str, gateways: &[&str]) -> Nginx {
         let port = spare_port();
         let dir = prepare_prefix(port, gateways);
         let stderr = std::fs::File::create(dir.join("logs/stderr.log")).unwrap();
@@ -159,17 +181,17 @@ impl Nginx {
         }
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base)
     }
 
-    fn read(&self, file: &str) -> String {
+    pub(crate) fn read(&self, file: &str) -> String {
         std::fs::read_to_string(self.dir.join(file)).unwrap_or_default()
     }
 
     /// Waits until the (buffered) access log contains every one of
     /// `needles`; returns whether it did.
-    async fn access_log_shows(&self, needles: &[&str]) -> bool {
+    pub(crate) async fn access_log_shows(&self, needles: &[&str]) -> bool {
         for _ in 0..60 {
             let log = self.read("logs/access.log");
             if needles.iter().all(|n| log.contains(n)) {

@@ -10,6 +10,8 @@ pub mod ops;
 pub mod orders;
 pub mod public;
 pub mod purchase;
+pub mod reconcile;
+pub mod web;
 
 use std::sync::Arc;
 
