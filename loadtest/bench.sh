@@ -13,9 +13,10 @@
 #      database): purchases/s with a large stock (wrk, every request a distinct
 #      buyer's JWT from `seckill tokens`), with p50/p99; first a short sweep
 #      over connection counts; ratio to the minimal script, target >= 1.0, and
-#      to purchase.lua (reported). Then purchases at a fixed arrival rate of
-#      80 % of that maximum (loadtest/paced.rs, open loop, latency from each
-#      request's due time): p99 target <= 5 ms.
+#      to purchase.lua (reported). Then loadtest/paced.rs finds its own
+#      maximum (closed loop, 5 s) and sends purchases at a fixed arrival rate
+#      of 80 % of it (open loop, latency from each request's due time): p99
+#      target <= 5 ms.
 #   3. the same purchases through `seckill serve` with its order workers
 #      (default settings, a key prefix and database of its own): purchases/s,
 #      the stream lag when wrk stops and the time until PostgreSQL holds every
@@ -318,19 +319,33 @@ threads_from="the default, chosen from the machine"
 row "gateway tokio threads (SECKILL_THREADS)" "${gw_threads:-not logged}" "$threads_from"
 
 # Latency at 80 % of the maximum rate, open loop: wrk's closed loop would
-# slow down with the gateway and hide the queue.
-paced_rate=$(awk -v r="$buy_rps" 'BEGIN { printf "%d", r * 0.8 }')
-lt_log "2/7 paced purchases: $paced_rate/s for ${SECONDS_EACH}s (80 % of $buy_rps)"
+# slow down with the gateway and hide the queue. The maximum is the one the
+# paced client itself reaches closed loop (RATE 0): it spends more CPU per
+# request than wrk, and on 2 shared cores 80 % of wrk's figure would be past
+# what the gateway can answer beside it.
+paced() { awk -v f="$1" '$1 == "paced" { for (i = 2; i < NF; i += 2) if ($i == f) print $(i + 1) }' "$LT_DIR/paced.txt"; }
+closed_s=$((SECONDS_EACH < 5 ? SECONDS_EACH : 5))
+lt_log "2/7 paced client closed loop for ${closed_s}s: its own maximum"
+n=$((closed_s * buy_rps * 2 + 1000))
+file=$(tokens pacedmax "$next_user" "$n")
+next_user=$((next_user + n))
+"$PACED" "$LT_URL" "/api/promotions/$big/purchase" "$file" 0 "$closed_s" "$CONNS" \
+	>"$LT_DIR/paced.txt" 2>&1 || lt_die "paced failed: $(tail -n 5 "$LT_DIR/paced.txt")"
+rm -f "$file"
+paced_max=$(paced achieved)
+buyers_sent=$((buyers_sent + $(paced sent)))
+paced_rate=$(awk -v r="$paced_max" 'BEGIN { printf "%d", r * 0.8 }')
+lt_log "2/7 paced purchases: $paced_rate/s for ${SECONDS_EACH}s (80 % of the paced client's $paced_max/s)"
 n=$((SECONDS_EACH * paced_rate + 100))
 file=$(tokens paced "$next_user" "$n")
 next_user=$((next_user + n))
 "$PACED" "$LT_URL" "/api/promotions/$big/purchase" "$file" "$paced_rate" "$SECONDS_EACH" "$CONNS" \
 	>"$LT_DIR/paced.txt" 2>&1 || lt_die "paced failed: $(tail -n 5 "$LT_DIR/paced.txt")"
 rm -f "$file"
-paced() { awk -v f="$1" '$1 == "paced" { for (i = 2; i < NF; i += 2) if ($i == f) print $(i + 1) }' "$LT_DIR/paced.txt"; }
 buyers_sent=$((buyers_sent + $(paced sent)))
 paced_bad=$(awk -F'statuses ' '/^paced/ { n = split($2, a, ","); for (i = 1; i <= n; i++) { split(a[i], p, ":"); if (p[1] != 200) bad += p[2] } } END { print bad + 0 }' "$LT_DIR/paced.txt")
 failures=$((failures + paced_bad + $(paced errors)))
+row "paced client's own maximum (closed loop)" "$paced_max/s" "${closed_s}s, $CONNS connections; wrk reached $buy_rps/s"
 judge "$(paced p99)" '<=' 5
 row "p99 at 80 % of the maximum ($paced_rate/s, open loop)" "p99 $(paced p99) ms" "target <= 5 ms: $JUDGED; p50 $(paced p50), p90 $(paced p90), p99.9 $(paced p999) ms; achieved $(paced achieved)/s"
 

@@ -14,6 +14,12 @@
 //! time to its answer. TOKENS.csv holds `user_id,token` lines (`seckill
 //! tokens`; a header line is skipped); request `k` carries line `k`'s JWT.
 //!
+//! RATE 0 runs closed loop instead: each connection sends its next request
+//! as soon as the last is answered, for SECONDS; the `achieved` figure is then
+//! the most this client gets out of the gateway, the rate the open-loop run's
+//! "80 % of the maximum" is taken from (wrk needs less CPU per request than
+//! this client, and on 2 shared cores the difference is the gateway's).
+//!
 //! Prints one line for loadtest/bench.sh:
 //! `paced rate R sent N seconds S achieved A p50 P p90 P p99 P p999 P max P
 //! statuses CODE:N,...` (latencies in milliseconds).
@@ -100,8 +106,18 @@ async fn connection(plan: &Plan, index: usize, start: Instant, total: usize) -> 
     };
     tokio::spawn(conn);
     let mut k = index;
+    let closed = plan.rate == 0.0;
+    let stop = start + Duration::from_secs_f64(plan.seconds);
     while k < total {
-        let due = start + Duration::from_secs_f64(k as f64 / plan.rate);
+        let due = if closed {
+            let now = Instant::now();
+            if now >= stop {
+                break;
+            }
+            now.max(start)
+        } else {
+            start + Duration::from_secs_f64(k as f64 / plan.rate)
+        };
         tokio::time::sleep_until(due.into()).await;
         let request = Request::post(plan.path.as_str())
             .header("host", plan.authority.as_str())
@@ -141,8 +157,14 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
 
 fn main() {
     let plan = plan();
-    let total = ((plan.rate * plan.seconds) as usize).min(plan.tokens.len());
-    if total < (plan.rate * plan.seconds) as usize {
+    let closed = plan.rate == 0.0;
+    let wanted = if closed {
+        plan.tokens.len()
+    } else {
+        (plan.rate * plan.seconds) as usize
+    };
+    let total = wanted.min(plan.tokens.len());
+    if !closed && total < wanted {
         eprintln!(
             "warning: {} tokens for {} requests; sending {total}",
             plan.tokens.len(),
