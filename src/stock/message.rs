@@ -17,6 +17,9 @@ pub struct OrderMessage {
     pub seq: i64,
     pub price_cents: i64,
     pub created_at: DateTime<Utc>,
+    /// The W3C `traceparent` of the buyer's request, present only when the
+    /// gateway exported traces; entries without it are just as valid.
+    pub traceparent: Option<String>,
 }
 
 impl OrderMessage {
@@ -43,6 +46,10 @@ impl OrderMessage {
             seq: int("seq")?,
             price_cents: int("price_cents")?,
             created_at: DateTime::from_timestamp_millis(int("created_ms")?)?,
+            // A malformed trace context loses the trace, never the order.
+            traceparent: text("traceparent")
+                .filter(|t| !t.is_empty())
+                .map(str::to_string),
         })
     }
 }
@@ -85,17 +92,23 @@ impl Entry {
     pub fn fields(&self) -> Vec<(String, String)> {
         match &self.message {
             None => self.raw.clone(),
-            Some(m) => vec![
-                ("order_id".into(), m.order_id.clone()),
-                ("promotion_id".into(), m.promotion_id.to_string()),
-                ("user_id".into(), m.user_id.to_string()),
-                ("seq".into(), m.seq.to_string()),
-                ("price_cents".into(), m.price_cents.to_string()),
-                (
-                    "created_ms".into(),
-                    m.created_at.timestamp_millis().to_string(),
-                ),
-            ],
+            Some(m) => {
+                let mut fields = vec![
+                    ("order_id".into(), m.order_id.clone()),
+                    ("promotion_id".into(), m.promotion_id.to_string()),
+                    ("user_id".into(), m.user_id.to_string()),
+                    ("seq".into(), m.seq.to_string()),
+                    ("price_cents".into(), m.price_cents.to_string()),
+                    (
+                        "created_ms".into(),
+                        m.created_at.timestamp_millis().to_string(),
+                    ),
+                ];
+                if let Some(t) = &m.traceparent {
+                    fields.push(("traceparent".into(), t.clone()));
+                }
+                fields
+            }
         }
     }
 }
@@ -124,6 +137,34 @@ mod tests {
         let m = OrderMessage::from_fields(&fields).unwrap();
         assert_eq!((m.promotion_id, m.user_id, m.seq), (7, 42, 1));
         assert_eq!(m.created_at.timestamp_millis(), 1_700_000_000_000);
+        assert_eq!(m.traceparent, None);
+    }
+
+    #[test]
+    fn parses_an_entry_with_a_trace_context() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let fields: HashMap<String, Value> = [
+            ("order_id", bulk("abc")),
+            ("promotion_id", bulk("7")),
+            ("user_id", bulk("42")),
+            ("seq", bulk("1")),
+            ("price_cents", bulk("99900")),
+            ("created_ms", bulk("1700000000000")),
+            ("traceparent", bulk(tp)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let m = OrderMessage::from_fields(&fields).unwrap();
+        assert_eq!(m.traceparent.as_deref(), Some(tp));
+        assert_eq!((m.promotion_id, m.user_id), (7, 42));
+        let entry = Entry {
+            stream: "s".into(),
+            id: "1-0".into(),
+            message: Some(m),
+            raw: Vec::new(),
+        };
+        assert!(entry.fields().contains(&("traceparent".into(), tp.into())));
     }
 
     #[test]

@@ -22,4 +22,5 @@ mod protection;
 mod purchase;
 mod races;
 mod shutdown;
+mod traces;
 mod workers;
