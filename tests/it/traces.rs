@@ -206,7 +206,7 @@ async fn grpc_receiver(received: Received) -> u16 {
 struct Gateway {
     addr: String,
     settings: seckill::config::Settings,
-    _child: tokio::process::Child,
+    child: tokio::process::Child,
     _stores: StoreOwner,
 }
 
@@ -236,7 +236,7 @@ impl Gateway {
         Gateway {
             addr,
             settings,
-            _child: child,
+            child,
             _stores: stores,
         }
     }
@@ -417,6 +417,40 @@ async fn a_batch_call_links_to_every_buyer_of_the_batch() {
                 .iter()
                 .any(|s| s.name == "request" && &s.trace_id == trace && &s.span_id == span),
             "a link points at a request span"
+        );
+    }
+}
+
+#[tokio::test]
+async fn spans_still_queued_are_exported_on_shutdown() {
+    let received = Received::default();
+    let port = http_receiver(received.clone(), None).await;
+    let mut env = otlp_env("http/protobuf", port, "seckill");
+    // Nothing leaves on the timer during the test: only the shutdown flush.
+    env.push(("OTEL_BSP_SCHEDULE_DELAY", "600000".into()));
+    let mut gw = Gateway::start(&["--no-workers"], &env).await;
+    let id = gw.promotion(5).await;
+    let caller = format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01");
+    assert_eq!(gw.purchase(id, 1, Some(&caller)).await, StatusCode::OK);
+    assert_eq!(
+        received.requests.load(Ordering::SeqCst),
+        0,
+        "nothing sent yet"
+    );
+    let pid = nix::unistd::Pid::from_raw(gw.child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), gw.child.wait())
+        .await
+        .expect("the gateway stops within 30 s")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let spans = received.spans();
+    for name in ["request", "purchase_script"] {
+        assert!(
+            spans
+                .iter()
+                .any(|s| s.name == name && s.trace_id == CALLER_TRACE),
+            "{name} exported on shutdown: {spans:#?}"
         );
     }
 }
