@@ -17,6 +17,9 @@ KEYS[6]  {P:p:ID}:won      hash  order id -> user id, for every order accepted s
 ARGV[1]          n, the number of buyers in this call (>= 1)
 ARGV[2k], [2k+1] for k = 1..n: the buyer's user id and the order id to use if
                  the buyer wins (unique, minted by the gateway)
+ARGV[2n+1+k]     optional, for k = 1..n, only while the gateway exports traces:
+                 the buyer's W3C traceparent (empty: none). Absent, the
+                 script does exactly what it did without them.
 
 Returns an array of n integers, one per buyer, in order (named in Rust as
 `stock::lua::codes::purchase`):
@@ -29,7 +32,8 @@ Returns an array of n integers, one per buyer, in order (named in Rust as
      lost by Redis; `seckill recover` rebuilds it)
 
 Stream entry fields: order_id, promotion_id, user_id, seq (the buyer's n-th
-unit, 1-based), price_cents, created_ms.
+unit, 1-based), price_cents, created_ms, and traceparent only when the
+buyer's traceparent was given and is not empty.
 
 Invariants (each has a test):
   - stock never goes below zero: a unit is taken only while stock > 0;
@@ -47,6 +51,8 @@ Invariants (each has a test):
 
 local n = tonumber(ARGV[1])
 local out = {}
+-- Trace contexts follow the buyers only while traces are exported.
+local traced = #ARGV > 2 * n + 1
 
 if redis.call('EXISTS', KEYS[1]) == 0 then
   for i = 1, n do out[i] = 5 end
@@ -104,13 +110,25 @@ for i = 1, n do
       results[#results + 1] = order_id
       won[#won + 1] = order_id
       won[#won + 1] = user_id
-      redis.call('XADD', KEYS[4], '*',
-        'order_id', order_id,
-        'promotion_id', promotion_id,
-        'user_id', user_id,
-        'seq', seq,
-        'price_cents', price_cents,
-        'created_ms', now_ms)
+      local traceparent = traced and ARGV[2 * n + 1 + i] or ''
+      if traceparent == '' then
+        redis.call('XADD', KEYS[4], '*',
+          'order_id', order_id,
+          'promotion_id', promotion_id,
+          'user_id', user_id,
+          'seq', seq,
+          'price_cents', price_cents,
+          'created_ms', now_ms)
+      else
+        redis.call('XADD', KEYS[4], '*',
+          'order_id', order_id,
+          'promotion_id', promotion_id,
+          'user_id', user_id,
+          'seq', seq,
+          'price_cents', price_cents,
+          'created_ms', now_ms,
+          'traceparent', traceparent)
+      end
       out[i] = 1
     end
   end

@@ -226,6 +226,26 @@ const ENV_LOG_FORMAT: &str = "SECKILL_LOG_FORMAT";
 /// (unset: embedded), so ops can try a changed script without a rebuild.
 const ENV_LUA_DIR: &str = "SECKILL_LUA_DIR";
 
+/// Where traces go over OTLP (unset: no export, no tracing layer at all).
+/// The standard OpenTelemetry variables, so collectors' docs apply as they are.
+const ENV_OTLP_ENDPOINT: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+/// `grpc` (Jaeger and collectors listen on 4317) or `http/protobuf` (4318).
+const ENV_OTLP_PROTOCOL: &str = "OTEL_EXPORTER_OTLP_PROTOCOL";
+const DEFAULT_OTLP_PROTOCOL: &str = "grpc";
+const ENV_SERVICE_NAME: &str = "OTEL_SERVICE_NAME";
+const DEFAULT_SERVICE_NAME: &str = "seckill";
+/// Finished spans waiting for export; past it spans are dropped (and
+/// counted), never waited for: 2048 is the OpenTelemetry default.
+const ENV_BSP_MAX_QUEUE_SIZE: &str = "OTEL_BSP_MAX_QUEUE_SIZE";
+const DEFAULT_BSP_MAX_QUEUE_SIZE: usize = 2048;
+/// Spans per export request (the OpenTelemetry default).
+const ENV_BSP_MAX_EXPORT_BATCH_SIZE: &str = "OTEL_BSP_MAX_EXPORT_BATCH_SIZE";
+const DEFAULT_BSP_MAX_EXPORT_BATCH_SIZE: usize = 512;
+/// The longest a finished span waits before its batch leaves (the
+/// OpenTelemetry default).
+const ENV_BSP_SCHEDULE_DELAY: &str = "OTEL_BSP_SCHEDULE_DELAY";
+const DEFAULT_BSP_SCHEDULE_DELAY_MS: u64 = 5000;
+
 /// The longest payment timeout accepted: PostgreSQL adds it to an order's
 /// creation time (`make_interval`), which must stay a valid timestamp; no
 /// shop needs more than this.
@@ -286,6 +306,37 @@ pub struct Settings {
     pub redis_timeout: Duration,
     pub log_format: LogFormat,
     pub lua_dir: Option<std::path::PathBuf>,
+    pub otlp: OtlpSettings,
+}
+
+/// Trace export over OTLP (see `telemetry::otlp`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtlpSettings {
+    /// `None`: tracing stays in the log, nothing is exported.
+    pub endpoint: Option<String>,
+    pub protocol: OtlpProtocol,
+    pub service_name: String,
+    pub max_queue: usize,
+    pub max_batch: usize,
+    pub schedule_delay: Duration,
+}
+
+/// The OTLP transport, spelled as the OpenTelemetry specification does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    Grpc,
+    HttpProtobuf,
+}
+
+impl FromStr for OtlpProtocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "grpc" => Ok(OtlpProtocol::Grpc),
+            "http/protobuf" => Ok(OtlpProtocol::HttpProtobuf),
+            other => Err(format!("expected `grpc` or `http/protobuf`, got `{other}`")),
+        }
+    }
 }
 
 /// How log lines are written.
@@ -493,6 +544,17 @@ impl Settings {
             redis_timeout: r.millis(ENV_REDIS_TIMEOUT_MS, DEFAULT_REDIS_TIMEOUT_MS),
             log_format: LogFormat::Text,
             lua_dir: r.optional(ENV_LUA_DIR).map(std::path::PathBuf::from),
+            otlp: OtlpSettings {
+                endpoint: r.optional(ENV_OTLP_ENDPOINT).map(|v| v.trim().to_string()),
+                protocol: r.parse(ENV_OTLP_PROTOCOL, DEFAULT_OTLP_PROTOCOL),
+                service_name: r.text(ENV_SERVICE_NAME, DEFAULT_SERVICE_NAME),
+                max_queue: r.parse(ENV_BSP_MAX_QUEUE_SIZE, DEFAULT_BSP_MAX_QUEUE_SIZE),
+                max_batch: r.parse(
+                    ENV_BSP_MAX_EXPORT_BATCH_SIZE,
+                    DEFAULT_BSP_MAX_EXPORT_BATCH_SIZE,
+                ),
+                schedule_delay: r.millis(ENV_BSP_SCHEDULE_DELAY, DEFAULT_BSP_SCHEDULE_DELAY_MS),
+            },
         };
         // JSON logs by default once real secrets are configured (production).
         let default_format = if settings.insecure_secrets().is_empty() {
@@ -588,6 +650,9 @@ impl Settings {
             (self.purchase_batch > 0, ENV_PURCHASE_BATCH),
             (self.max_inflight > 0, ENV_MAX_INFLIGHT),
             (self.db_max_connections > 0, ENV_DB_MAX_CONNECTIONS),
+            (self.otlp.max_queue > 0, ENV_BSP_MAX_QUEUE_SIZE),
+            (self.otlp.max_batch > 0, ENV_BSP_MAX_EXPORT_BATCH_SIZE),
+            (!self.otlp.schedule_delay.is_zero(), ENV_BSP_SCHEDULE_DELAY),
         ] {
             r.check(ok, name, "must be at least 1");
         }

@@ -101,7 +101,6 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    seckill::telemetry::init_tracing(settings.log_format);
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.worker_threads(settings.runtime_threads());
     let runtime = match runtime.enable_all().build() {
@@ -111,14 +110,24 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli.command, settings)) {
+    // The OTLP exporter's connections live on the runtime.
+    if let Err(e) = runtime.block_on(async {
+        seckill::telemetry::init_tracing_with_export(settings.log_format, &settings.otlp)
+    }) {
+        eprintln!("seckill: {e:#}");
+        return ExitCode::from(2);
+    }
+    let code = match runtime.block_on(run(cli.command, settings)) {
         Ok(code) => code,
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "seckill failed");
             eprintln!("seckill: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // The last spans leave while the runtime still runs.
+    seckill::telemetry::otlp::shutdown();
+    code
 }
 
 async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {

@@ -187,6 +187,9 @@ pub async fn handle(
         order,
         user = tracing::field::Empty,
     );
+    crate::telemetry::context::continue_from(&span, || {
+        parts.headers.get("traceparent").map(|v| v.as_bytes())
+    });
     let mut res = dispatch(state, peer, route, param, parts, body, started)
         .instrument(span)
         .await;

@@ -16,6 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::repo::{self, Inserted};
 use crate::pace::{self, Backoff};
+use crate::telemetry::{self, context as trace};
+use tracing::Instrument as _;
 
 /// Why a malformed entry is in the dead-letter stream.
 const MALFORMED: &str = "malformed";
@@ -272,9 +274,13 @@ impl Worker {
     ) -> anyhow::Result<Inserted> {
         let batch: Vec<&OrderMessage> = entries.iter().filter_map(|e| e.message.as_ref()).collect();
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+        let span = insert_span(&batch);
         loop {
             let started = Instant::now();
-            match repo::insert_batch(&self.db, &batch).await {
+            match repo::insert_batch(&self.db, &batch)
+                .instrument(span.clone())
+                .await
+            {
                 Ok(inserted) => {
                     metrics::histogram!("seckill_worker_batch_size").record(batch.len() as f64);
                     metrics::histogram!("seckill_db_write_seconds")
@@ -390,4 +396,22 @@ pub async fn prune_once(
         tracing::info!(promotions = ?removed, "ended promotions' drained streams are no longer read");
     }
     Ok(removed)
+}
+
+/// The span of one batch insert. With trace export on, it links to the
+/// request of every order that carried a trace context in its stream entry,
+/// so a purchase and its persistence are one story; with it off, there is
+/// no span (nothing to pay per batch).
+fn insert_span(batch: &[&OrderMessage]) -> tracing::Span {
+    if !telemetry::otlp::enabled() {
+        return tracing::Span::none();
+    }
+    // A root: the worker loop's own span is not exported (see telemetry).
+    let span = tracing::info_span!(parent: None, "insert_orders", orders = batch.len());
+    for m in batch {
+        if let Some(cx) = m.traceparent.as_deref().and_then(trace::parse_traceparent) {
+            trace::link(&span, &cx);
+        }
+    }
+    span
 }

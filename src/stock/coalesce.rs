@@ -13,21 +13,34 @@
 //! each buyer of a batch, also for one buyer queued twice in the same batch.
 //! When the call fails, every buyer of the batch gets the error (a `503`):
 //! the script ran for all of them or for none.
+//!
+//! With trace export on, each buyer brings its request span's context; the
+//! call's span (`purchase_script`) is a child of the first buyer's request
+//! and has a span link to every buyer's request, and each buyer's
+//! `traceparent` goes into its order message, where the worker picks it up.
+//! With export off none of this happens: no context is read, and the script
+//! gets exactly the arguments it got before.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use opentelemetry::trace::SpanContext;
 use redis::RedisError;
 use tokio::sync::oneshot;
+use tracing::Instrument as _;
 
 use super::store::{Buyer, Outcome, Store};
+use crate::telemetry::context as trace;
 
 /// Script calls of one promotion in flight at once: while Redis runs one
 /// batch, the next one is already on its way.
 pub const MAX_CALLS: usize = 2;
 
 type Answer = Result<Outcome, Arc<RedisError>>;
+
+/// The buyer's request span, when traces are exported.
+type Trace = Option<SpanContext>;
 
 /// The error a buyer gets when its call ended without an answer for it.
 fn no_answer() -> Arc<RedisError> {
@@ -40,7 +53,7 @@ fn no_answer() -> Arc<RedisError> {
 /// The buyers of one promotion waiting for a call, and the calls in flight.
 #[derive(Default)]
 struct Queue {
-    waiting: Vec<(Buyer, oneshot::Sender<Answer>)>,
+    waiting: Vec<(Buyer, oneshot::Sender<Answer>, Trace)>,
     calls: usize,
     /// Buyers in the calls in flight.
     sending: usize,
@@ -72,9 +85,10 @@ impl Coalescer {
 
     /// The outcome of `buyer`'s purchase in promotion `id`.
     pub async fn purchase(self: &Arc<Self>, id: i64, buyer: Buyer) -> Answer {
+        let trace = trace::current_span_context();
         if self.max_batch == 1 {
             let outcomes = self
-                .call(id, std::slice::from_ref(&buyer))
+                .call(id, std::slice::from_ref(&buyer), &[trace])
                 .await
                 .map_err(Arc::new)?;
             return outcomes.into_iter().next().ok_or_else(no_answer);
@@ -83,7 +97,7 @@ impl Coalescer {
         let start_call = {
             let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
             let queue = queues.entry(id).or_default();
-            queue.waiting.push((buyer, tx));
+            queue.waiting.push((buyer, tx, trace));
             if queue.calls < MAX_CALLS {
                 queue.calls += 1;
                 true
@@ -100,10 +114,37 @@ impl Coalescer {
     }
 
     /// One call of `lua/purchase.lua` for `buyers`, recorded in the Lua
-    /// latency histogram.
-    async fn call(&self, id: i64, buyers: &[Buyer]) -> redis::RedisResult<Vec<Outcome>> {
+    /// latency histogram; `traces` are the buyers' request spans, in order.
+    async fn call(
+        &self,
+        id: i64,
+        buyers: &[Buyer],
+        traces: &[Trace],
+    ) -> redis::RedisResult<Vec<Outcome>> {
         let started = Instant::now();
-        let outcomes = self.store.purchase(id, buyers).await;
+        let outcomes = if traces.iter().any(Option::is_some) {
+            let span =
+                tracing::info_span!("purchase_script", promotion = id, buyers = buyers.len());
+            if let Some(first) = traces.iter().flatten().next() {
+                trace::set_parent(&span, first);
+            }
+            let mut parents = Vec::with_capacity(traces.len());
+            for t in traces {
+                match t {
+                    Some(cx) => {
+                        trace::link(&span, cx);
+                        parents.push(trace::format_traceparent(cx));
+                    }
+                    None => parents.push(String::new()),
+                }
+            }
+            self.store
+                .purchase_traced(id, buyers, &parents)
+                .instrument(span)
+                .await
+        } else {
+            self.store.purchase(id, buyers).await
+        };
         metrics::histogram!("seckill_lua_seconds", "script" => "purchase")
             .record(started.elapsed().as_secs_f64());
         outcomes
@@ -130,8 +171,22 @@ impl Coalescer {
                 queue.waiting.drain(..n).collect()
             };
             let n = batch.len();
-            let (buyers, replies): (Vec<Buyer>, Vec<_>) = batch.into_iter().unzip();
-            let result = self.call(id, &buyers).await;
+            let mut buyers = Vec::with_capacity(n);
+            let mut replies = Vec::with_capacity(n);
+            // Empty (no allocation) while traces are not exported.
+            let mut traces = Vec::new();
+            for (buyer, reply, trace) in batch {
+                buyers.push(buyer);
+                replies.push(reply);
+                if trace.is_some() {
+                    traces.resize(buyers.len() - 1, None);
+                    traces.push(trace);
+                }
+            }
+            if !traces.is_empty() {
+                traces.resize(n, None);
+            }
+            let result = self.call(id, &buyers, &traces).await;
             if let Some(queue) = self
                 .queues
                 .lock()

@@ -17,6 +17,9 @@ pub struct OrderMessage {
     pub seq: i64,
     pub price_cents: i64,
     pub created_at: DateTime<Utc>,
+    /// The W3C `traceparent` of the buyer's request, present only when the
+    /// gateway exported traces; entries without it are just as valid.
+    pub traceparent: Option<String>,
 }
 
 impl OrderMessage {
@@ -43,6 +46,10 @@ impl OrderMessage {
             seq: int("seq")?,
             price_cents: int("price_cents")?,
             created_at: DateTime::from_timestamp_millis(int("created_ms")?)?,
+            // A malformed trace context loses the trace, never the order.
+            traceparent: text("traceparent")
+                .filter(|t| !t.is_empty())
+                .map(str::to_string),
         })
     }
 }
@@ -143,6 +150,8 @@ struct Fields {
     seq: Option<i64>,
     price_cents: Option<i64>,
     created_ms: Option<i64>,
+    /// Index of the `traceparent` pair, when the entry has one.
+    traceparent: Option<usize>,
 }
 
 impl Fields {
@@ -166,6 +175,11 @@ impl Fields {
             b"seq" => &mut self.seq,
             b"price_cents" => &mut self.price_cents,
             b"created_ms" => &mut self.created_ms,
+            // A malformed trace context loses the trace, never the order.
+            b"traceparent" => {
+                self.traceparent = Some(i);
+                return true;
+            }
             // Fields a later script version adds are not ours to refuse.
             _ => return true,
         };
@@ -209,6 +223,12 @@ impl Entry {
             && f.seq.is_some()
             && f.price_cents.is_some();
         let created_at = f.created_ms.and_then(DateTime::from_timestamp_millis);
+        let traceparent = f.traceparent.and_then(|i| match &pairs[i].1 {
+            Value::BulkString(b) if !b.is_empty() => {
+                std::str::from_utf8(b).ok().map(str::to_string)
+            }
+            _ => None,
+        });
         let message = match (complete, f.order_id, created_at) {
             (true, Some(i), Some(created_at)) => {
                 match std::mem::replace(&mut pairs[i].1, Value::Nil) {
@@ -220,6 +240,7 @@ impl Entry {
                             seq: f.seq.unwrap_or_default(),
                             price_cents: f.price_cents.unwrap_or_default(),
                             created_at,
+                            traceparent,
                         })
                     }
                     _ => None,
@@ -273,17 +294,23 @@ impl Entry {
     pub fn fields(&self) -> Vec<(String, String)> {
         match &self.message {
             None => self.raw.clone(),
-            Some(m) => vec![
-                ("order_id".into(), m.order_id.clone()),
-                ("promotion_id".into(), m.promotion_id.to_string()),
-                ("user_id".into(), m.user_id.to_string()),
-                ("seq".into(), m.seq.to_string()),
-                ("price_cents".into(), m.price_cents.to_string()),
-                (
-                    "created_ms".into(),
-                    m.created_at.timestamp_millis().to_string(),
-                ),
-            ],
+            Some(m) => {
+                let mut fields = vec![
+                    ("order_id".into(), m.order_id.clone()),
+                    ("promotion_id".into(), m.promotion_id.to_string()),
+                    ("user_id".into(), m.user_id.to_string()),
+                    ("seq".into(), m.seq.to_string()),
+                    ("price_cents".into(), m.price_cents.to_string()),
+                    (
+                        "created_ms".into(),
+                        m.created_at.timestamp_millis().to_string(),
+                    ),
+                ];
+                if let Some(t) = &m.traceparent {
+                    fields.push(("traceparent".into(), t.clone()));
+                }
+                fields
+            }
         }
     }
 }
@@ -312,6 +339,34 @@ mod tests {
         let m = OrderMessage::from_fields(&fields).unwrap();
         assert_eq!((m.promotion_id, m.user_id, m.seq), (7, 42, 1));
         assert_eq!(m.created_at.timestamp_millis(), 1_700_000_000_000);
+        assert_eq!(m.traceparent, None);
+    }
+
+    #[test]
+    fn parses_an_entry_with_a_trace_context() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let fields: HashMap<String, Value> = [
+            ("order_id", bulk("abc")),
+            ("promotion_id", bulk("7")),
+            ("user_id", bulk("42")),
+            ("seq", bulk("1")),
+            ("price_cents", bulk("99900")),
+            ("created_ms", bulk("1700000000000")),
+            ("traceparent", bulk(tp)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let m = OrderMessage::from_fields(&fields).unwrap();
+        assert_eq!(m.traceparent.as_deref(), Some(tp));
+        assert_eq!((m.promotion_id, m.user_id), (7, 42));
+        let entry = Entry {
+            stream: "s".into(),
+            id: "1-0".into(),
+            message: Some(m),
+            raw: Vec::new(),
+        };
+        assert!(entry.fields().contains(&("traceparent".into(), tp.into())));
     }
 
     fn entry(fields: &[(&str, Value)]) -> Value {
@@ -366,6 +421,18 @@ mod tests {
             assert!(entries[2].message.is_none());
             assert_eq!(entries[2].raw.len(), 5);
         }
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut traced = script_fields();
+        traced.push(("traceparent", bulk(tp)));
+        let reply = Value::Array(vec![Value::Array(vec![
+            bulk("s"),
+            Value::Array(vec![entry(&traced)]),
+        ])]);
+        let ReadReply(entries) = ReadReply::from_redis_value(reply).unwrap();
+        assert_eq!(
+            entries[0].message.as_ref().unwrap().traceparent.as_deref(),
+            Some(tp)
+        );
         let ReadReply(none) = ReadReply::from_redis_value(Value::Nil).unwrap();
         assert!(none.is_empty());
     }

@@ -258,6 +258,18 @@ impl Store {
     /// Runs `lua/purchase.lua` for `buyers` of promotion `id`; one outcome
     /// per buyer, in order.
     pub async fn purchase(&self, id: i64, buyers: &[Buyer]) -> RedisResult<Vec<Outcome>> {
+        self.purchase_traced(id, buyers, &[]).await
+    }
+
+    /// [`Store::purchase`] with each buyer's W3C `traceparent` (one per
+    /// buyer, in order; empty: none), written into its order message. An
+    /// empty slice sends exactly what `purchase` sends.
+    pub async fn purchase_traced(
+        &self,
+        id: i64,
+        buyers: &[Buyer],
+        traceparents: &[String],
+    ) -> RedisResult<Vec<Outcome>> {
         let k = self.keys.promotion(id);
         let mut call = script(Name::Purchase).prepare_invoke();
         call.key(&k.meta)
@@ -269,6 +281,11 @@ impl Store {
             .arg(buyers.len());
         for b in buyers {
             call.arg(b.user_id).arg(&b.order_id);
+        }
+        if traceparents.len() == buyers.len() {
+            for t in traceparents {
+                call.arg(t);
+            }
         }
         let replies: Vec<i64> = call.invoke_async(&mut self.conn()).await?;
         if replies.len() != buyers.len() {

@@ -19,7 +19,7 @@ use serde_yaml::Value as Yaml;
 
 /// Every service of the production-like topology.
 const EXPECTED_SERVICES: &str =
-    "redis postgres migrate gateway-1 gateway-2 worker nginx prometheus grafana";
+    "redis postgres migrate gateway-1 gateway-2 worker nginx prometheus grafana jaeger";
 
 /// The services that run our image, and the `seckill` command line of each.
 const SECKILL_SERVICES: &[(&str, &[&str])] = &[

@@ -24,5 +24,6 @@ mod protection;
 mod purchase;
 mod races;
 mod shutdown;
+mod traces;
 mod web;
 mod workers;

@@ -1,14 +1,22 @@
-//! Logging (tracing) and metrics (Prometheus) set-up, and the list of every
-//! metric: each is described and exported from start-up, at zero for the
-//! label values known before any traffic, so dashboards and alerts see a
-//! value, not "no data", on a fresh process.
+//! Logging (tracing), trace export (OTLP) and metrics (Prometheus) set-up,
+//! and the list of every metric: each is described and exported from
+//! start-up, at zero for the label values known before any traffic, so
+//! dashboards and alerts see a value, not "no data", on a fresh process.
+//!
+//! `otlp` exports spans when an endpoint is configured; `context` carries a
+//! trace across the stream and HTTP headers (W3C `traceparent`).
+
+pub mod context;
+pub mod otlp;
 
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt as _;
+use tracing_subscriber::util::SubscriberInitExt as _;
+use tracing_subscriber::{EnvFilter, Layer as _};
 
-use crate::config::LogFormat;
+use crate::config::{LogFormat, OtlpSettings};
 
 /// Installs the tracing subscriber: `RUST_LOG` filters (default `info`),
 /// `format` picks human text or JSON lines. Later calls do nothing.
@@ -21,6 +29,39 @@ pub fn init_tracing(format: LogFormat) {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
     };
+}
+
+/// Spans kept in the log only: the order worker's loop turn (`step`) opens
+/// one every poll, mostly empty; its insert has a span of its own.
+const NOT_EXPORTED: &[&str] = &["step"];
+
+/// [`init_tracing`], plus the OpenTelemetry layer when `otlp` names an
+/// endpoint: the spans of this crate (not those of the libraries, so the
+/// exporter's own HTTP/2 spans never feed back into it) go to the OTLP
+/// exporter. Without an endpoint no layer is installed at all. Must run
+/// inside the tokio runtime.
+pub fn init_tracing_with_export(format: LogFormat, otlp: &OtlpSettings) -> anyhow::Result<()> {
+    let Some(tracer) = otlp::tracer(otlp)? else {
+        init_tracing(format);
+        return Ok(());
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match format {
+        LogFormat::Json => fmt.json().boxed(),
+        LogFormat::Text => fmt.boxed(),
+    };
+    let export = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_filter(tracing_subscriber::filter::filter_fn(|meta| {
+            meta.target().starts_with("seckill") && !NOT_EXPORTED.contains(&meta.name())
+        }));
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(export)
+        .try_init();
+    Ok(())
 }
 
 /// Histogram buckets in seconds: from half a millisecond (a Redis script) to
@@ -100,6 +141,14 @@ const COUNTERS: &[(&str, &str)] = &[
     (
         "seckill_units_returned_total",
         "Units given back to sale by restock.lua",
+    ),
+    (
+        "seckill_trace_spans_exported_total",
+        "Spans the OTLP receiver accepted",
+    ),
+    (
+        "seckill_trace_spans_dropped_total",
+        "Spans not exported, by reason (queue_full, export_failed, shutdown)",
     ),
 ];
 
@@ -207,8 +256,12 @@ pub fn register_metrics(known: &KnownLabels) {
         "seckill_orders_expired_total",
         "seckill_orders_refused_total",
         "seckill_units_returned_total",
+        "seckill_trace_spans_exported_total",
     ] {
         metrics::counter!(name).increment(0);
+    }
+    for reason in ["queue_full", "export_failed", "shutdown"] {
+        metrics::counter!("seckill_trace_spans_dropped_total", "reason" => reason).increment(0);
     }
     let _ = metrics::histogram!("seckill_lua_seconds", "script" => "purchase");
     let _ = metrics::histogram!("seckill_worker_batch_size");
