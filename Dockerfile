@@ -27,13 +27,15 @@ RUN mkdir -p src loadtest tests/it \
  && rm -rf src target/release/seckill target/release/deps/seckill-* \
            target/release/deps/libseckill-* target/release/.fingerprint/seckill-*
 
-# 2. The crate itself. `lua/` (include_str!) and `migrations/`
-#    (sqlx::migrate!) are compiled into the binary, so they are needed here
-#    and nowhere at run time. The fingerprints of the stand-in crate were
+# 2. The crate itself. `lua/`, `web/` (the pages) and `docs/openapi.json`
+#    (include_str!) and `migrations/` (sqlx::migrate!) are compiled into the
+#    binary, so they are needed here and nowhere at run time. The fingerprints of the stand-in crate were
 #    removed above, so cargo cannot mistake the real sources for the dummies.
 COPY src ./src
 COPY lua ./lua
 COPY migrations ./migrations
+COPY web ./web
+COPY docs/openapi.json ./docs/openapi.json
 RUN cargo build --release --locked --bin seckill \
  && install -D -m 0755 target/release/seckill /out/seckill
 

@@ -476,7 +476,8 @@ fn dockerfile_is_multi_stage_with_pinned_bases_and_builds_only_from_what_it_copi
 
     // What the build copies in must exist, and must include everything the
     // crate needs at compile time: the manifest, the lock file, the sources,
-    // and lua/ and migrations/, embedded with include_str! and migrate!.
+    // and lua/, web/, docs/openapi.json and migrations/, embedded with
+    // include_str! and migrate!.
     let mut copied = BTreeSet::new();
     for copy in all("COPY").filter(|a| !a.contains("--from")) {
         let words: Vec<&str> = copy.split_whitespace().collect();
@@ -486,7 +487,15 @@ fn dockerfile_is_multi_stage_with_pinned_bases_and_builds_only_from_what_it_copi
             copied.insert(source);
         }
     }
-    let needed = ["Cargo.toml", "Cargo.lock", "src", "lua", "migrations"];
+    let needed = [
+        "Cargo.toml",
+        "Cargo.lock",
+        "src",
+        "lua",
+        "migrations",
+        "web",
+        "docs/openapi.json",
+    ];
     assert!(copied.is_superset(&needed.into()), "{copied:?}");
     let builds: Vec<&str> = all("RUN").filter(|a| a.contains("cargo build")).collect();
     assert!(!builds.is_empty(), "the Dockerfile runs no `cargo build`");
