@@ -97,6 +97,11 @@ impl Promotions {
         }
         let edited = input.apply_to(&current)?;
         let p = repo::update_before_start(&self.db, id, &edited).await??;
+        if p.buckets != current.buckets {
+            // Nothing is sold before the start: the state is laid out anew
+            // over the new number of buckets.
+            self.store.forget(id).await?;
+        }
         let remaining = match self.store.preheat(&p.meta()).await {
             Ok(left) => left,
             Err(e) => {

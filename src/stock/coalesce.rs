@@ -13,6 +13,12 @@
 //! each buyer of a batch, also for one buyer queued twice in the same batch.
 //! When the call fails, every buyer of the batch gets the error (a `503`):
 //! the script ran for all of them or for none.
+//!
+//! A bucketed promotion queues per bucket: each buyer goes to the bucket
+//! [`buckets::bucket_of`] names, and a batch is one call on that bucket's
+//! keys. When buyers of a batch find their bucket dry, the batch moves units
+//! over from the other buckets ([`buckets::refill`]) and asks again for them;
+//! they are sold out only when no other bucket had a unit to give.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,6 +27,7 @@ use std::time::Instant;
 use redis::RedisError;
 use tokio::sync::oneshot;
 
+use super::buckets;
 use super::store::{Buyer, Outcome, Store};
 
 /// Script calls of one promotion in flight at once: while Redis runs one
@@ -50,7 +57,8 @@ struct Queue {
 pub struct Coalescer {
     store: Store,
     max_batch: usize,
-    queues: Mutex<HashMap<i64, Queue>>,
+    /// By promotion and bucket.
+    queues: Mutex<HashMap<(i64, u32), Queue>>,
 }
 
 impl Coalescer {
@@ -67,14 +75,26 @@ impl Coalescer {
     /// Buyers of promotion `id` waiting for a call or in a call in flight.
     pub fn pending(&self, id: i64) -> usize {
         let queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
-        queues.get(&id).map_or(0, |q| q.waiting.len() + q.sending)
+        queues
+            .iter()
+            .filter(|((p, _), _)| *p == id)
+            .map(|(_, q)| q.waiting.len() + q.sending)
+            .sum()
     }
 
-    /// The outcome of `buyer`'s purchase in promotion `id`.
+    /// The outcome of `buyer`'s purchase in promotion `id` (not split).
     pub async fn purchase(self: &Arc<Self>, id: i64, buyer: Buyer) -> Answer {
+        self.purchase_split(id, 1, buyer).await
+    }
+
+    /// The outcome of `buyer`'s purchase in promotion `id`, whose stock is
+    /// split into `buckets` buckets (1: not split).
+    pub async fn purchase_split(self: &Arc<Self>, id: i64, buckets: u32, buyer: Buyer) -> Answer {
+        let bucket = buckets::bucket_of(buyer.user_id, buckets);
+        let id = (id, bucket);
         if self.max_batch == 1 {
             let outcomes = self
-                .call(id, std::slice::from_ref(&buyer))
+                .call(id, buckets, std::slice::from_ref(&buyer))
                 .await
                 .map_err(Arc::new)?;
             return outcomes.into_iter().next().ok_or_else(no_answer);
@@ -94,16 +114,51 @@ impl Coalescer {
         if start_call {
             // A task of its own: the call must finish and answer every buyer
             // of its batch even if this request is dropped meanwhile.
-            tokio::spawn(Arc::clone(self).send_batches(id));
+            tokio::spawn(Arc::clone(self).send_batches(id, buckets));
         }
         rx.await.unwrap_or_else(|_| Err(no_answer()))
     }
 
-    /// One call of `lua/purchase.lua` for `buyers`, recorded in the Lua
-    /// latency histogram.
-    async fn call(&self, id: i64, buyers: &[Buyer]) -> redis::RedisResult<Vec<Outcome>> {
+    /// One call of `lua/purchase.lua` for `buyers` on bucket `id.1`,
+    /// recorded in the Lua latency histogram; for a bucketed promotion, the
+    /// buyers who found the bucket dry are asked again after each transfer
+    /// that brought units, until none is sold out or no bucket has a unit.
+    async fn call(
+        &self,
+        id: (i64, u32),
+        buckets: u32,
+        buyers: &[Buyer],
+    ) -> redis::RedisResult<Vec<Outcome>> {
+        let (promotion, bucket) = id;
+        let mut outcomes = self.call_once(id, buyers).await?;
+        if buckets <= 1 {
+            return Ok(outcomes);
+        }
+        loop {
+            let dry: Vec<usize> = (0..outcomes.len())
+                .filter(|i| outcomes[*i] == Outcome::SoldOut)
+                .collect();
+            if dry.is_empty() {
+                return Ok(outcomes);
+            }
+            let moved = buckets::refill(&self.store, promotion, buckets, bucket, dry.len()).await?;
+            if moved == 0 {
+                return Ok(outcomes);
+            }
+            let again: Vec<Buyer> = dry.iter().map(|i| buyers[*i].clone()).collect();
+            for (i, outcome) in dry.into_iter().zip(self.call_once(id, &again).await?) {
+                outcomes[i] = outcome;
+            }
+        }
+    }
+
+    async fn call_once(
+        &self,
+        id: (i64, u32),
+        buyers: &[Buyer],
+    ) -> redis::RedisResult<Vec<Outcome>> {
         let started = Instant::now();
-        let outcomes = self.store.purchase(id, buyers).await;
+        let outcomes = self.store.purchase_in(id.0, id.1, buyers).await;
         metrics::histogram!("seckill_lua_seconds", "script" => "purchase")
             .record(started.elapsed().as_secs_f64());
         outcomes
@@ -111,7 +166,7 @@ impl Coalescer {
 
     /// Sends the waiting buyers of promotion `id`, a batch per call, until
     /// none is left.
-    async fn send_batches(self: Arc<Self>, id: i64) {
+    async fn send_batches(self: Arc<Self>, id: (i64, u32), buckets: u32) {
         loop {
             let batch: Vec<_> = {
                 let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
@@ -131,7 +186,7 @@ impl Coalescer {
             };
             let n = batch.len();
             let (buyers, replies): (Vec<Buyer>, Vec<_>) = batch.into_iter().unzip();
-            let result = self.call(id, &buyers).await;
+            let result = self.call(id, buckets, &buyers).await;
             if let Some(queue) = self
                 .queues
                 .lock()

@@ -7,6 +7,7 @@ mod procs;
 
 mod accounts;
 mod admin;
+mod buckets;
 mod compose;
 mod copy;
 mod docs;
