@@ -506,18 +506,16 @@ impl Store {
         }
     }
 
-    /// Runs `lua/restock.lua`: gives the unit of `order_id` (bought by
-    /// `user_id`) back, once, to the bucket it was taken from.
+    /// Runs `lua/restock.lua`: gives the unit of `order_id` back, once, to
+    /// bucket `bucket` (the buyer's: the one it was taken from; 0 when the
+    /// promotion is not split).
     pub async fn restock(
         &self,
         promotion_id: i64,
-        user_id: i64,
+        bucket: u32,
         order_id: &str,
     ) -> RedisResult<Restock> {
-        let n = self.bucket_count(promotion_id).await?;
-        let k = self
-            .keys
-            .bucket(promotion_id, buckets::bucket_of(user_id, n));
+        let k = self.keys.bucket(promotion_id, bucket);
         let code: i64 = script(Name::Restock)
             .key(&k.meta)
             .key(&k.stock)
@@ -773,33 +771,13 @@ impl Store {
         Ok(total)
     }
 
-    /// Removes a promotion's whole Redis state (every bucket's).
-    pub async fn forget(&self, id: i64) -> anyhow::Result<()> {
-        let n = self.bucket_count(id).await?;
-        for bucket in (1..n).rev() {
-            let k = self.keys.bucket(id, bucket);
-            let _: () = self
-                .conn()
-                .del(&[
-                    k.meta,
-                    k.stock,
-                    k.buyers,
-                    k.orders,
-                    k.results,
-                    k.returned,
-                    k.tokens,
-                    k.won,
-                    k.recovering,
-                    k.transfers,
-                    k.received,
-                ])
-                .await?;
-        }
-        let k = self.keys.promotion(id);
-        redis::pipe()
-            .atomic()
-            .srem(self.keys.live_promotions(), id)
-            .del(&[
+    /// Removes a promotion's whole Redis state (of each of its `buckets`
+    /// buckets). Bucket 0 goes first, in one step with the live set and
+    /// with no read before it, so an undo sent right after a failed call
+    /// follows that call on the connection.
+    pub async fn forget(&self, id: i64, buckets: u32) -> anyhow::Result<()> {
+        let keys_of = |k: PromotionKeys| {
+            [
                 k.meta,
                 k.stock,
                 k.buyers,
@@ -811,10 +789,23 @@ impl Store {
                 k.recovering,
                 k.transfers,
                 k.received,
-            ])
+            ]
+        };
+        redis::pipe()
+            .atomic()
+            .srem(self.keys.live_promotions(), id)
+            .del(&keys_of(self.keys.promotion(id)))
             .exec_async(&mut self.conn())
             .await
-            .with_context(|| format!("failed to remove promotion {id} from redis"))
+            .with_context(|| format!("failed to remove promotion {id} from redis"))?;
+        for bucket in 1..buckets.clamp(1, MAX_BUCKETS) {
+            let _: () = self
+                .conn()
+                .del(&keys_of(self.keys.bucket(id, bucket)))
+                .await
+                .with_context(|| format!("failed to remove promotion {id} from redis"))?;
+        }
+        Ok(())
     }
 
     // ---- Buyers' results, captchas ---------------------------------------
