@@ -531,22 +531,27 @@ impl Store {
         }
     }
 
-    /// Runs `lua/issue_token.lua` for `user_id`.
+    /// Runs `lua/issue_token.lua` for `user_id`. A promotion split into
+    /// `buckets` > 1 counts its admitted buyers in bucket 0, against the
+    /// cap only (bucket 0's stock is not the promotion's).
     pub async fn issue_token(
         &self,
         id: i64,
         user_id: i64,
         cap_multiple: u64,
+        buckets: u32,
     ) -> RedisResult<Admission> {
         let k = self.keys.promotion(id);
-        let code: i64 = script(Name::IssueToken)
-            .key(&k.meta)
+        let mut call = script(Name::IssueToken).prepare_invoke();
+        call.key(&k.meta)
             .key(&k.stock)
             .key(&k.tokens)
             .arg(user_id)
-            .arg(cap_multiple)
-            .invoke_async(&mut self.conn())
-            .await?;
+            .arg(cap_multiple);
+        if buckets > 1 {
+            call.arg(1);
+        }
+        let code: i64 = call.invoke_async(&mut self.conn()).await?;
         use codes::issue_token as c;
         match code {
             c::ADMITTED | c::ADMITTED_BEFORE => Ok(Admission::Admitted),

@@ -536,3 +536,46 @@ async fn a_transfer_stopped_between_its_steps_is_finished_by_recovery_once() {
     assert_no_drift(&app, id).await;
     app.stop().await;
 }
+
+/// `POST path` as `user` with `body`.
+async fn post_as(app: &TestApp, path: &str, user: i64, body: Value) -> (StatusCode, Value) {
+    let res = app
+        .client
+        .post(app.url(path))
+        .bearer_auth(user_token(user))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    read(res).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admission_tokens_are_issued_while_any_bucket_has_stock() {
+    let mut app = spawn_app().await;
+    let n = 2u32;
+    let mut body = bucketed_body(2, 1, 2);
+    body["require_token"] = json!(true);
+    let id = app.create_promotion(body).await["id"].as_i64().unwrap();
+    let users = users_in(0, n, 2, 8_000);
+    for u in &users {
+        // Bucket 0 is dry for the second buyer; bucket 1 still has a unit.
+        let (status, t) =
+            post_as(&app, &format!("/api/promotions/{id}/token"), *u, json!({})).await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "a token while the sale has stock: {t}"
+        );
+        let (status, b) = post_as(
+            &app,
+            &format!("/api/promotions/{id}/purchase"),
+            *u,
+            json!({"token": t["token"]}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{b}");
+    }
+    assert_eq!(stocks(&app, id, n).await, vec![0, 0]);
+    app.stop().await;
+}
