@@ -428,7 +428,7 @@ pub fn table(rows: &[Reconciliation]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:>10} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10} {:>10} {:>9} {:>10} {:>6}",
+        "{:>10} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10} {:>6}",
         "promotion",
         "stock",
         "remaining",
@@ -439,13 +439,14 @@ pub fn table(rows: &[Reconciliation]) -> String {
         "pending",
         "paid",
         "cancelled",
+        "in_transit",
         "drift"
     );
     for r in rows {
         let remaining = r.remaining.map_or("missing".to_string(), |v| v.to_string());
         let _ = writeln!(
             s,
-            "{:>10} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10} {:>10} {:>9} {:>10} {:>6}",
+            "{:>10} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10} {:>6}",
             r.promotion_id,
             r.stock,
             remaining,
@@ -456,6 +457,7 @@ pub fn table(rows: &[Reconciliation]) -> String {
             r.persisted - r.paid - r.cancelled,
             r.paid,
             r.cancelled,
+            r.in_transit,
             r.drift
         );
     }
