@@ -579,3 +579,41 @@ async fn admission_tokens_are_issued_while_any_bucket_has_stock() {
     assert_eq!(stocks(&app, id, n).await, vec![0, 0]);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateways_moving_units_at_once_never_oversell() {
+    // Two gateways on one deployment, each running transfers of its own
+    // into the same dry buckets at the same time.
+    let settings = test_settings();
+    let mut a = spawn_with_settings(Role::Serve, settings.clone()).await;
+    let mut b = spawn_with_settings(Role::GatewayOnly, settings).await;
+    let (stock, n) = (24, 4u32);
+    let id = a.create_promotion(bucketed_body(stock, 1, 4)).await["id"]
+        .as_i64()
+        .unwrap();
+    // Buyers of buckets 0 and 1 only: buckets 2 and 3 give all their units.
+    let mut users = users_in(0, n, 40, 10_000);
+    users.extend(users_in(1, n, 40, 10_000));
+    let answers = futures_util::future::join_all(users.iter().enumerate().map(|(i, u)| {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        async move { (*u, gw.purchase(id, *u).await) }
+    }))
+    .await;
+    let mut bought: HashMap<i64, Vec<String>> = HashMap::new();
+    for (u, (status, body)) in answers {
+        match status {
+            StatusCode::OK => bought
+                .entry(u)
+                .or_default()
+                .push(body["order_id"].as_str().unwrap().to_string()),
+            StatusCode::GONE => {}
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert_eq!(bought.values().map(Vec::len).sum::<usize>(), stock as usize);
+    assert_eq!(stocks(&a, id, n).await, vec![0, 0, 0, 0]);
+    assert_all_persisted(&a, id, &bought).await;
+    assert_eq!(assert_no_drift(&a, id).await.in_transit, 0);
+    b.stop().await;
+    a.stop().await;
+}
