@@ -230,6 +230,16 @@ async fn buyers_who_all_hash_to_one_bucket_buy_exactly_the_stock_within_their_li
         .await
         .unwrap();
     assert_eq!(moved_in, 30, "the three other buckets' 30 units moved in");
+    let mut transfers = 0;
+    for bucket in 1..n as u32 {
+        let len: i64 = redis::cmd("HLEN")
+            .arg(app.keys.bucket(id, bucket).transfers)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        transfers += len;
+    }
+    println!("{transfers} transfers moved the 30 units into bucket 0");
 
     // Sold out for everyone now, in any bucket.
     for u in [users[0], users_in(3, n as u32, 1, 50_000)[0]] {
@@ -616,4 +626,38 @@ async fn two_gateways_moving_units_at_once_never_oversell() {
     assert_eq!(assert_no_drift(&a, id).await.in_transit, 0);
     b.stop().await;
     a.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_before_the_start_lays_the_stock_out_over_the_new_buckets() {
+    let mut app = spawn_app().await;
+    let mut body = bucketed_body(10, 1, 1);
+    let now = chrono::Utc::now();
+    body["starts_at"] = json!(rfc3339(now + chrono::Duration::hours(1)));
+    body["ends_at"] = json!(rfc3339(now + chrono::Duration::hours(2)));
+    let id = app.create_promotion(body).await["id"].as_i64().unwrap();
+    assert_eq!(stocks(&app, id, 1).await, vec![10]);
+
+    let path = format!("/admin/promotions/{id}");
+    let edit = |buckets: i64| app.admin(Method::PUT, &path, Some(json!({ "buckets": buckets })));
+    let (status, v) = edit(4).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["buckets"], 4, "{v}");
+    assert_eq!(stocks(&app, id, 4).await, vec![3, 3, 2, 2]);
+
+    let (status, v) = edit(2).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(stocks(&app, id, 2).await, vec![5, 5]);
+    let left: Vec<String> = app
+        .redis_keys()
+        .await
+        .into_iter()
+        .filter(|k| k.contains(&format!(":p:{id}:b2}}")) || k.contains(&format!(":p:{id}:b3}}")))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "the dropped buckets' keys are gone: {left:?}"
+    );
+    assert_eq!(app.stats(id).await["remaining"], 10);
+    app.stop().await;
 }
