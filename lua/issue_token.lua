@@ -12,6 +12,9 @@ KEYS[3]  {P:p:ID}:tokens   hash  user id -> 1, the buyers admitted so far
 
 ARGV[1]  user id
 ARGV[2]  cap multiple: at most stock (initial) * multiple buyers are admitted
+ARGV[3]  optional: 1 when the promotion is split into buckets; KEYS are then
+         bucket 0's, whose stock is only one bucket's, so "nothing left on
+         sale" is not checked here (the cap still is; the purchase decides)
 
 Returns (named in Rust as `stock::lua::codes::issue_token`):
   1  admitted now          2  admitted before (a fresh token, no new seat)
@@ -39,7 +42,7 @@ end
 if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then
   return 2
 end
-if tonumber(redis.call('GET', KEYS[2]) or '0') <= 0 then
+if ARGV[3] ~= '1' and tonumber(redis.call('GET', KEYS[2]) or '0') <= 0 then
   return 0
 end
 if redis.call('HLEN', KEYS[3]) >= tonumber(meta[3]) * tonumber(ARGV[2]) then

@@ -16,11 +16,15 @@ ARGV[6]  initial stock
 ARGV[7]  require_token (0 or 1)
 ARGV[8]  the workers' consumer group name
 ARGV[9]  require_captcha (0 or 1)
+ARGV[10] optional, for a bucket of a bucketed promotion (`buckets` > 1): the
+         bucket's share of the initial stock (`stock` stays the promotion's)
+ARGV[11] optional, with ARGV[10]: the promotion's number of buckets
 
 Returns the units left on sale after the call.
 
 Invariants:
-  - stock is set to initial - sold + returned, so reloading the meta of a
+  - stock is set to initial - sold + returned (for a bucket: share - sold +
+    returned - moved_out + moved_in, the units its transfers moved), so reloading the meta of a
     promotion never forgets a unit already sold or returned, and calling the
     script twice changes nothing;
   - the consumer group exists (created at the start of the stream) before any
@@ -41,7 +45,13 @@ local returned = tonumber(redis.call('HGET', KEYS[1], 'returned') or '0')
 if sold == 0 then redis.call('HSET', KEYS[1], 'sold', 0) end
 if returned == 0 then redis.call('HSET', KEYS[1], 'returned', 0) end
 
-local left = tonumber(ARGV[6]) - sold + returned
+local initial = tonumber(ARGV[6])
+if ARGV[10] then
+  redis.call('HSET', KEYS[1], 'share', ARGV[10], 'buckets', ARGV[11])
+  local moved = redis.call('HMGET', KEYS[1], 'moved_out', 'moved_in')
+  initial = tonumber(ARGV[10]) - tonumber(moved[1] or '0') + tonumber(moved[2] or '0')
+end
+local left = initial - sold + returned
 if left < 0 then left = 0 end
 redis.call('SET', KEYS[2], left)
 

@@ -24,6 +24,10 @@ ARGV[9]     require_captcha (0 or 1)
 ARGV[10]    sold: orders that exist (in PostgreSQL or still in the stream)
 ARGV[11]    returned: cancelled orders whose unit is back
 ARGV[12]    the caller's lock token
+ARGV[13..16] optional, for a bucket of a bucketed promotion: the bucket's
+            share of the initial stock, the number of buckets, and the units
+            moved out of and into the bucket by transfers (recounted by
+            recovery from the other buckets' records)
 
 Returns (`stock::lua::codes::recover`) 1 when the state was rebuilt (the lock
 is released), 0 when the meta hash existed (nothing changed: running recovery
@@ -31,7 +35,8 @@ twice is harmless), 2 when the caller no longer holds the lock (nothing
 changed).
 
 Invariants:
-  - stock = initial - sold + returned, never below zero;
+  - stock = initial - sold + returned (for a bucket: share - sold + returned
+    - moved_out + moved_in), never below zero;
   - the state appears at once (meta is written last, in this one call);
   - only the holder of the lock writes.
 ]]
@@ -45,7 +50,11 @@ end
 
 local sold = tonumber(ARGV[10])
 local returned = tonumber(ARGV[11])
-local left = tonumber(ARGV[6]) - sold + returned
+local initial = tonumber(ARGV[6])
+if ARGV[13] then
+  initial = tonumber(ARGV[13]) - tonumber(ARGV[15]) + tonumber(ARGV[16])
+end
+local left = initial - sold + returned
 if left < 0 then left = 0 end
 redis.call('SET', KEYS[2], left)
 
@@ -65,5 +74,9 @@ redis.call('HSET', KEYS[1],
   'require_captcha', ARGV[9],
   'sold', sold,
   'returned', returned)
+if ARGV[13] then
+  redis.call('HSET', KEYS[1], 'share', ARGV[13], 'buckets', ARGV[14],
+    'moved_out', ARGV[15], 'moved_in', ARGV[16])
+end
 redis.call('DEL', KEYS[4])
 return 1

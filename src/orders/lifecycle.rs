@@ -15,6 +15,7 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use super::repo::{self, Order, OrderStatus};
+use crate::stock::buckets::bucket_of;
 use crate::stock::{Restock, Store};
 use crate::{checkpoint, pace};
 
@@ -133,7 +134,9 @@ impl Lifecycle {
             || matches!(&outcome, Transition::Done(o) if o.status == Cancelled);
         if cancelled_now_or_before && (row.status == Pending || row.restocked_at.is_none()) {
             checkpoint::point(self.store.keys().prefix(), AFTER_CANCEL_COMMIT).await;
-            self.restock(row.promotion_id, &row.order_id).await?;
+            let bucket = bucket_of(row.user_id, row.buckets.max(1) as u32);
+            self.restock(row.promotion_id, bucket, &row.order_id)
+                .await?;
         }
         Ok(Some(outcome))
     }
@@ -149,10 +152,16 @@ impl Lifecycle {
 
     /// Gives a cancelled order's unit back, records it, and tells every
     /// gateway to drop its sold-out flag.
-    pub async fn restock(&self, promotion_id: i64, order_id: &str) -> anyhow::Result<()> {
+    /// For a bucketed promotion, to bucket `bucket` (the buyer's).
+    pub async fn restock(
+        &self,
+        promotion_id: i64,
+        bucket: u32,
+        order_id: &str,
+    ) -> anyhow::Result<()> {
         let done = self
             .store
-            .restock(promotion_id, order_id)
+            .restock(promotion_id, bucket, order_id)
             .await
             .with_context(|| format!("failed to return the unit of order {order_id}"))?;
         match done {
@@ -181,11 +190,15 @@ impl Lifecycle {
             tracing::info!(count = expired.len(), "expired unpaid orders");
             metrics::counter!("seckill_orders_expired_total").increment(expired.len() as u64);
         }
-        for (order_id, promotion_id) in &expired {
-            self.restock(*promotion_id, order_id).await?;
+        for (order_id, promotion_id, user_id, buckets) in &expired {
+            let bucket = bucket_of(*user_id, (*buckets).max(1) as u32);
+            self.restock(*promotion_id, bucket, order_id).await?;
         }
-        for (order_id, promotion_id) in &repo::awaiting_restock(&self.db, SWEEP_BATCH).await? {
-            self.restock(*promotion_id, order_id).await?;
+        for (order_id, promotion_id, user_id, buckets) in
+            &repo::awaiting_restock(&self.db, SWEEP_BATCH).await?
+        {
+            let bucket = bucket_of(*user_id, (*buckets).max(1) as u32);
+            self.restock(*promotion_id, bucket, order_id).await?;
         }
         Ok(expired.len())
     }

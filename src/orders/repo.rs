@@ -35,11 +35,19 @@ pub struct Order {
     pub created_at: DateTime<Utc>,
 }
 
+/// An order whose unit is to return: order id, promotion id, buyer, and the
+/// promotion's number of buckets (the unit returns to the buyer's bucket).
+pub type Returning = (String, i64, i64, i32);
+
 /// An order's row, locked for a status change.
 #[derive(Debug, sqlx::FromRow)]
 pub struct Locked {
     pub order_id: String,
     pub promotion_id: i64,
+    /// The buyer: their bucket is where a bucketed promotion's unit returns.
+    pub user_id: i64,
+    /// The promotion's number of buckets.
+    pub buckets: i32,
     pub status: OrderStatus,
     pub price_cents: i64,
     pub created_at: DateTime<Utc>,
@@ -403,6 +411,34 @@ pub fn cancelled_ids<'a>(
     .fetch(&mut **tx)
 }
 
+/// The cancelled orders of a promotion as `(order_id, user_id)`, as a
+/// stream (recovery of a bucketed promotion sorts them by bucket).
+pub fn cancelled_owners<'a>(
+    tx: &'a mut Transaction<'_, Postgres>,
+    promotion_id: i64,
+) -> BoxStream<'a, Result<(String, i64), sqlx::Error>> {
+    sqlx::query_as(
+        "SELECT order_id, user_id FROM orders WHERE promotion_id = $1 AND status = 'cancelled'",
+    )
+    .bind(promotion_id)
+    .fetch(&mut **tx)
+}
+
+/// Per buyer of a promotion: `(user_id, orders, cancelled orders)`.
+pub async fn buyer_counts(
+    tx: &mut Transaction<'_, Postgres>,
+    promotion_id: i64,
+) -> anyhow::Result<Vec<(i64, i64, i64)>> {
+    sqlx::query_as(
+        "SELECT user_id, count(*), count(*) FILTER (WHERE status = 'cancelled') \
+         FROM orders WHERE promotion_id = $1 GROUP BY user_id",
+    )
+    .bind(promotion_id)
+    .fetch_all(&mut **tx)
+    .await
+    .context("failed to count the orders by buyer")
+}
+
 /// Locks `user_id`'s order `order_id` for a status change; `None` when no
 /// such row exists (yet).
 pub async fn lock(
@@ -412,9 +448,11 @@ pub async fn lock(
     payment_timeout: Duration,
 ) -> anyhow::Result<Option<Locked>> {
     sqlx::query_as::<_, Locked>(
-        "SELECT order_id, promotion_id, status, price_cents, created_at, restocked_at, \
-         created_at + make_interval(secs => $3) <= now() AS expired \
-         FROM orders WHERE order_id = $1 AND user_id = $2 FOR UPDATE",
+        "SELECT o.order_id, o.promotion_id, o.user_id, p.buckets, o.status, o.price_cents, \
+         o.created_at, o.restocked_at, \
+         o.created_at + make_interval(secs => $3) <= now() AS expired \
+         FROM orders o JOIN promotions p ON p.id = o.promotion_id \
+         WHERE o.order_id = $1 AND o.user_id = $2 FOR UPDATE OF o",
     )
     .bind(order_id)
     .bind(user_id)
@@ -481,14 +519,15 @@ pub async fn expire_unpaid(
     db: &PgPool,
     payment_timeout: Duration,
     limit: i64,
-) -> anyhow::Result<Vec<(String, i64)>> {
+) -> anyhow::Result<Vec<Returning>> {
     sqlx::query_as(
         "UPDATE orders SET status = 'cancelled', cancelled_at = now() \
          WHERE status = 'pending' AND order_id IN ( \
            SELECT order_id FROM orders WHERE status = 'pending' \
            AND created_at + make_interval(secs => $1) <= now() \
            ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
-         RETURNING order_id, promotion_id",
+         RETURNING order_id, promotion_id, user_id, \
+         (SELECT buckets FROM promotions p WHERE p.id = orders.promotion_id)",
     )
     .bind(payment_timeout.as_secs_f64())
     .bind(limit)
@@ -499,9 +538,9 @@ pub async fn expire_unpaid(
 
 /// Up to `limit` cancelled orders of promotions not yet ended whose unit is
 /// not recorded as back (a unit of an ended sale can no longer be sold).
-pub async fn awaiting_restock(db: &PgPool, limit: i64) -> anyhow::Result<Vec<(String, i64)>> {
+pub async fn awaiting_restock(db: &PgPool, limit: i64) -> anyhow::Result<Vec<Returning>> {
     sqlx::query_as(
-        "SELECT o.order_id, o.promotion_id FROM orders o \
+        "SELECT o.order_id, o.promotion_id, o.user_id, p.buckets FROM orders o \
          JOIN promotions p ON p.id = o.promotion_id \
          WHERE o.status = 'cancelled' AND o.restocked_at IS NULL AND p.ends_at > now() \
          ORDER BY o.cancelled_at LIMIT $1",

@@ -209,8 +209,17 @@ impl Worker {
             .live_promotions()
             .await
             .context("failed to list live promotions")?;
-        let keys = self.store.keys();
-        self.streams = ids.iter().map(|id| keys.promotion(*id).orders).collect();
+        let mut streams = Vec::with_capacity(ids.len());
+        for id in ids {
+            // A bucketed promotion has one stream per bucket.
+            streams.extend(
+                self.store
+                    .order_streams(id)
+                    .await
+                    .context("failed to list a promotion's order streams")?,
+            );
+        }
+        self.streams = streams;
         self.refreshed_at = Some(Instant::now());
         Ok(())
     }

@@ -285,6 +285,7 @@ mod tests {
             ends_at,
             require_token: false,
             require_captcha: false,
+            buckets: 1,
         }
     }
 

@@ -14,6 +14,8 @@ pub const MAX_NAME_CHARS: usize = 200;
 pub const MAX_PER_USER_LIMIT: i64 = 1_000;
 /// One billion units of currency, in cents: far above any flash-sale price.
 pub const MAX_PRICE_CENTS: i64 = 100_000_000_000;
+/// Most buckets one promotion's stock may be split into (API.md).
+pub const MAX_BUCKETS: i32 = crate::stock::buckets::MAX_BUCKETS as i32;
 
 /// The times a promotion may use: well inside what PostgreSQL and Unix
 /// milliseconds can hold.
@@ -39,6 +41,8 @@ pub struct Promotion {
     pub ends_at: DateTime<Utc>,
     pub require_token: bool,
     pub require_captcha: bool,
+    /// Redis buckets the stock is split into (1: one hash tag, as before).
+    pub buckets: i32,
 }
 
 /// Where a promotion is in its life, as the API reports it.
@@ -81,6 +85,7 @@ impl Promotion {
             ends_at: self.ends_at,
             require_token: self.require_token,
             require_captcha: self.require_captcha,
+            buckets: self.buckets,
         }
     }
 
@@ -95,6 +100,7 @@ impl Promotion {
             stock: self.stock,
             require_token: self.require_token,
             require_captcha: self.require_captcha,
+            buckets: self.buckets.clamp(1, MAX_BUCKETS) as u32,
         }
     }
 
@@ -110,6 +116,7 @@ impl Promotion {
             "ends_at": self.ends_at,
             "require_token": self.require_token,
             "require_captcha": self.require_captcha,
+            "buckets": self.buckets,
             "status": self.status(now, remaining),
         })
     }
@@ -136,6 +143,7 @@ pub struct PromotionInput {
     pub ends_at: Option<DateTime<Utc>>,
     pub require_token: Option<bool>,
     pub require_captcha: Option<bool>,
+    pub buckets: Option<i32>,
 }
 
 /// A promotion's fields before it has an id.
@@ -149,6 +157,7 @@ pub struct NewPromotion {
     pub ends_at: DateTime<Utc>,
     pub require_token: bool,
     pub require_captcha: bool,
+    pub buckets: i32,
 }
 
 /// A rule the input broke; the message names the field.
@@ -170,6 +179,7 @@ impl PromotionInput {
             ends_at: self.ends_at.ok_or_else(|| missing("ends_at"))?,
             require_token: self.require_token.unwrap_or(false),
             require_captcha: self.require_captcha.unwrap_or(false),
+            buckets: self.buckets.unwrap_or(1),
         };
         new.validated()
     }
@@ -185,6 +195,7 @@ impl PromotionInput {
             ends_at: self.ends_at.unwrap_or(p.ends_at),
             require_token: self.require_token.unwrap_or(p.require_token),
             require_captcha: self.require_captcha.unwrap_or(p.require_captcha),
+            buckets: self.buckets.unwrap_or(p.buckets),
         };
         new.validated()
     }
@@ -213,6 +224,9 @@ impl NewPromotion {
             return Err(Invalid(format!(
                 "`price_cents` must be 0 to {MAX_PRICE_CENTS}"
             )));
+        }
+        if !(1..=MAX_BUCKETS).contains(&self.buckets) {
+            return Err(Invalid(format!("`buckets` must be 1 to {MAX_BUCKETS}")));
         }
         let (earliest, latest) = time_range();
         for (field, t) in [("starts_at", self.starts_at), ("ends_at", self.ends_at)] {

@@ -6,7 +6,7 @@ use sqlx::PgPool;
 use super::model::{NewPromotion, Promotion};
 
 const COLUMNS: &str = "id, name, stock, per_user_limit, price_cents, starts_at, ends_at, \
-                       require_token, require_captcha";
+                       require_token, require_captcha, buckets";
 
 /// Why an edit or a delete was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,9 +21,9 @@ pub enum Refusal {
 pub async fn insert(db: &PgPool, p: &NewPromotion) -> anyhow::Result<Promotion> {
     sqlx::query_as::<_, Promotion>(
         "INSERT INTO promotions (name, stock, per_user_limit, price_cents, starts_at, ends_at, \
-         require_token, require_captcha) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+         require_token, require_captcha, buckets) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
          RETURNING id, name, stock, per_user_limit, price_cents, starts_at, ends_at, \
-         require_token, require_captcha",
+         require_token, require_captcha, buckets",
     )
     .bind(&p.name)
     .bind(p.stock)
@@ -33,6 +33,7 @@ pub async fn insert(db: &PgPool, p: &NewPromotion) -> anyhow::Result<Promotion> 
     .bind(p.ends_at)
     .bind(p.require_token)
     .bind(p.require_captcha)
+    .bind(p.buckets)
     .fetch_one(db)
     .await
     .context("failed to insert promotion")
@@ -72,12 +73,12 @@ pub async fn list_open(db: &PgPool) -> anyhow::Result<Vec<Promotion>> {
 macro_rules! update_sql {
     () => {
         "UPDATE promotions SET name = $2, stock = $3, per_user_limit = $4, price_cents = $5, \
-         starts_at = $6, ends_at = $7, require_token = $8, require_captcha = $9, \
+         starts_at = $6, ends_at = $7, require_token = $8, require_captcha = $9, buckets = $10, \
          updated_at = now() WHERE id = $1"
     };
 }
 const RETURNING: &str = " RETURNING id, name, stock, per_user_limit, price_cents, starts_at, \
-                         ends_at, require_token, require_captcha";
+                         ends_at, require_token, require_captcha, buckets";
 
 /// Writes `p`'s fields into promotion `id` with `sql` (an `update_sql!`).
 async fn write(
@@ -96,6 +97,7 @@ async fn write(
         .bind(p.ends_at)
         .bind(p.require_token)
         .bind(p.require_captcha)
+        .bind(p.buckets)
         .fetch_optional(db)
         .await
         .with_context(|| format!("failed to update promotion {id}"))

@@ -66,7 +66,7 @@ impl Promotions {
         let remaining = match self.store.preheat(&p.meta()).await {
             Ok(left) => left,
             Err(e) => {
-                if let Err(undo) = self.store.forget(p.id).await {
+                if let Err(undo) = self.store.forget(p.id, p.meta().buckets).await {
                     tracing::error!(id = p.id, error = %format!("{undo:#}"), "failed to remove the redis state of a promotion whose preheat failed");
                 }
                 if let Err(undo) = repo::remove(&self.db, p.id).await {
@@ -97,6 +97,11 @@ impl Promotions {
         }
         let edited = input.apply_to(&current)?;
         let p = repo::update_before_start(&self.db, id, &edited).await??;
+        if p.buckets != current.buckets {
+            // Nothing is sold before the start: the state is laid out anew
+            // over the new number of buckets.
+            self.store.forget(id, current.meta().buckets).await?;
+        }
         let remaining = match self.store.preheat(&p.meta()).await {
             Ok(left) => left,
             Err(e) => {
@@ -130,7 +135,7 @@ impl Promotions {
             return Err(Refusal::HasOrders.into());
         }
         repo::delete_unless_running(&self.db, id).await??;
-        self.store.forget(id).await?;
+        self.store.forget(id, p.meta().buckets).await?;
         self.changed(id).await;
         tracing::info!(id, "promotion deleted");
         Ok(())

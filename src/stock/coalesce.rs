@@ -14,6 +14,12 @@
 //! When the call fails, every buyer of the batch gets the error (a `503`):
 //! the script ran for all of them or for none.
 //!
+//! A bucketed promotion queues per bucket: each buyer goes to the bucket
+//! [`buckets::bucket_of`] names, and a batch is one call on that bucket's
+//! keys. When buyers of a batch find their bucket dry, the batch moves units
+//! over from the other buckets ([`buckets::refill`]) and asks again for them;
+//! they are sold out only when no other bucket had a unit to give.
+//!
 //! With trace export on, each buyer brings its request span's context; the
 //! call's span (`purchase_script`) is a child of the first buyer's request
 //! and has a span link to every buyer's request, and each buyer's
@@ -30,6 +36,7 @@ use redis::RedisError;
 use tokio::sync::oneshot;
 use tracing::Instrument as _;
 
+use super::buckets;
 use super::store::{Buyer, Outcome, Store};
 use crate::telemetry::context as trace;
 
@@ -63,7 +70,8 @@ struct Queue {
 pub struct Coalescer {
     store: Store,
     max_batch: usize,
-    queues: Mutex<HashMap<i64, Queue>>,
+    /// By promotion and bucket.
+    queues: Mutex<HashMap<(i64, u32), Queue>>,
 }
 
 impl Coalescer {
@@ -80,15 +88,27 @@ impl Coalescer {
     /// Buyers of promotion `id` waiting for a call or in a call in flight.
     pub fn pending(&self, id: i64) -> usize {
         let queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
-        queues.get(&id).map_or(0, |q| q.waiting.len() + q.sending)
+        queues
+            .iter()
+            .filter(|((p, _), _)| *p == id)
+            .map(|(_, q)| q.waiting.len() + q.sending)
+            .sum()
     }
 
-    /// The outcome of `buyer`'s purchase in promotion `id`.
+    /// The outcome of `buyer`'s purchase in promotion `id` (not split).
     pub async fn purchase(self: &Arc<Self>, id: i64, buyer: Buyer) -> Answer {
+        self.purchase_split(id, 1, buyer).await
+    }
+
+    /// The outcome of `buyer`'s purchase in promotion `id`, whose stock is
+    /// split into `buckets` buckets (1: not split).
+    pub async fn purchase_split(self: &Arc<Self>, id: i64, buckets: u32, buyer: Buyer) -> Answer {
+        let bucket = buckets::bucket_of(buyer.user_id, buckets);
+        let id = (id, bucket);
         let trace = trace::current_span_context();
         if self.max_batch == 1 {
             let outcomes = self
-                .call(id, std::slice::from_ref(&buyer), &[trace])
+                .call(id, buckets, std::slice::from_ref(&buyer), &[trace])
                 .await
                 .map_err(Arc::new)?;
             return outcomes.into_iter().next().ok_or_else(no_answer);
@@ -108,23 +128,64 @@ impl Coalescer {
         if start_call {
             // A task of its own: the call must finish and answer every buyer
             // of its batch even if this request is dropped meanwhile.
-            tokio::spawn(Arc::clone(self).send_batches(id));
+            tokio::spawn(Arc::clone(self).send_batches(id, buckets));
         }
         rx.await.unwrap_or_else(|_| Err(no_answer()))
     }
 
-    /// One call of `lua/purchase.lua` for `buyers`, recorded in the Lua
-    /// latency histogram; `traces` are the buyers' request spans, in order.
+    /// One call of `lua/purchase.lua` for `buyers` on bucket `id.1`,
+    /// recorded in the Lua latency histogram; for a bucketed promotion, the
+    /// buyers who found the bucket dry are asked again after each transfer
+    /// that brought units, until none is sold out or no bucket has a unit.
+    /// `traces` are the buyers' request spans, in order (empty: none).
     async fn call(
         &self,
-        id: i64,
+        id: (i64, u32),
+        buckets: u32,
+        buyers: &[Buyer],
+        traces: &[Trace],
+    ) -> redis::RedisResult<Vec<Outcome>> {
+        let (promotion, bucket) = id;
+        let mut outcomes = self.call_once(id, buyers, traces).await?;
+        if buckets <= 1 {
+            return Ok(outcomes);
+        }
+        loop {
+            let dry: Vec<usize> = (0..outcomes.len())
+                .filter(|i| outcomes[*i] == Outcome::SoldOut)
+                .collect();
+            if dry.is_empty() {
+                return Ok(outcomes);
+            }
+            let moved = buckets::refill(&self.store, promotion, buckets, bucket, dry.len()).await?;
+            if moved == 0 {
+                return Ok(outcomes);
+            }
+            let again: Vec<Buyer> = dry.iter().map(|i| buyers[*i].clone()).collect();
+            let again_traces: Vec<Trace> = if traces.is_empty() {
+                Vec::new()
+            } else {
+                dry.iter().map(|i| traces[*i].clone()).collect()
+            };
+            let answers = self.call_once(id, &again, &again_traces).await?;
+            for (i, outcome) in dry.into_iter().zip(answers) {
+                outcomes[i] = outcome;
+            }
+        }
+    }
+
+    /// One script call on bucket `id.1`, inside a `purchase_script` span
+    /// linked to every buyer's request when traces are exported.
+    async fn call_once(
+        &self,
+        id: (i64, u32),
         buyers: &[Buyer],
         traces: &[Trace],
     ) -> redis::RedisResult<Vec<Outcome>> {
         let started = Instant::now();
         let outcomes = if traces.iter().any(Option::is_some) {
             let span =
-                tracing::info_span!("purchase_script", promotion = id, buyers = buyers.len());
+                tracing::info_span!("purchase_script", promotion = id.0, buyers = buyers.len());
             if let Some(first) = traces.iter().flatten().next() {
                 trace::set_parent(&span, first);
             }
@@ -139,11 +200,11 @@ impl Coalescer {
                 }
             }
             self.store
-                .purchase_traced(id, buyers, &parents)
+                .purchase_in(id.0, id.1, buyers, &parents)
                 .instrument(span)
                 .await
         } else {
-            self.store.purchase(id, buyers).await
+            self.store.purchase_in(id.0, id.1, buyers, &[]).await
         };
         metrics::histogram!("seckill_lua_seconds", "script" => "purchase")
             .record(started.elapsed().as_secs_f64());
@@ -152,7 +213,7 @@ impl Coalescer {
 
     /// Sends the waiting buyers of promotion `id`, a batch per call, until
     /// none is left.
-    async fn send_batches(self: Arc<Self>, id: i64) {
+    async fn send_batches(self: Arc<Self>, id: (i64, u32), buckets: u32) {
         loop {
             let batch: Vec<_> = {
                 let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
@@ -186,7 +247,7 @@ impl Coalescer {
             if !traces.is_empty() {
                 traces.resize(n, None);
             }
-            let result = self.call(id, &buyers, &traces).await;
+            let result = self.call(id, buckets, &buyers, &traces).await;
             if let Some(queue) = self
                 .queues
                 .lock()

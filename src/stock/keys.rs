@@ -1,7 +1,10 @@
 //! Every Redis key name, built in one place from the deployment's prefix.
 //!
 //! All keys of one promotion share the hash tag `{P:p:ID}`, so one Lua script
-//! may touch them all and the layout already fits Redis Cluster.
+//! may touch them all and the layout already fits Redis Cluster. A promotion
+//! split into buckets (see `stock::buckets`) keeps that tag for bucket 0, so
+//! `buckets: 1` is the layout of before, and uses `{P:p:ID:bK}` for bucket
+//! `K` ≥ 1, with the same key names under it.
 
 /// Key names under one prefix (`SECKILL_KEY_PREFIX`).
 #[derive(Debug, Clone)]
@@ -33,6 +36,12 @@ pub struct PromotionKeys {
     /// String: the token of the recovery rebuilding this promotion, with a
     /// TTL; recovery's writes are refused unless it still holds it.
     pub recovering: String,
+    /// Hash (source bucket): transfer id → `units:destination:state` of
+    /// every transfer out of this bucket; state 0 in transit, 1 done.
+    pub transfers: String,
+    /// Hash (destination bucket): transfer id → `units:source` of every
+    /// transfer this bucket received.
+    pub received: String,
     tag: String,
 }
 
@@ -49,7 +58,17 @@ impl Keys {
 
     /// The keys of promotion `id`.
     pub fn promotion(&self, id: i64) -> PromotionKeys {
-        let tag = format!("{{{}:p:{id}}}", self.prefix);
+        self.bucket(id, 0)
+    }
+
+    /// The keys of bucket `bucket` of promotion `id`: bucket 0 is
+    /// [`Keys::promotion`], the others have a hash tag each.
+    pub fn bucket(&self, id: i64, bucket: u32) -> PromotionKeys {
+        let tag = if bucket == 0 {
+            format!("{{{}:p:{id}}}", self.prefix)
+        } else {
+            format!("{{{}:p:{id}:b{bucket}}}", self.prefix)
+        };
         PromotionKeys {
             meta: format!("{tag}:meta"),
             stock: format!("{tag}:stock"),
@@ -60,6 +79,8 @@ impl Keys {
             tokens: format!("{tag}:tokens"),
             won: format!("{tag}:won"),
             recovering: format!("{tag}:recovering"),
+            transfers: format!("{tag}:transfers"),
+            received: format!("{tag}:received"),
             tag,
         }
     }
@@ -112,5 +133,20 @@ mod tests {
             assert!(key.starts_with("{sk:p:7}:"), "{key}");
         }
         assert_eq!(k.stock, "{sk:p:7}:stock");
+    }
+
+    #[test]
+    fn bucket_zero_is_the_promotion_and_others_have_a_tag_each() {
+        let keys = Keys::new("sk");
+        let (p, b0) = (keys.promotion(7), keys.bucket(7, 0));
+        assert_eq!(
+            (&p.meta, &p.stock, &p.buyers, &p.orders, &p.results),
+            (&b0.meta, &b0.stock, &b0.buyers, &b0.orders, &b0.results)
+        );
+        assert_eq!(p.meta, "{sk:p:7}:meta");
+        let b3 = keys.bucket(7, 3);
+        assert_eq!(b3.stock, "{sk:p:7:b3}:stock");
+        assert_eq!(b3.orders, "{sk:p:7:b3}:orders");
+        assert_eq!(b3.transfers, "{sk:p:7:b3}:transfers");
     }
 }

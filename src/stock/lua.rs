@@ -21,9 +21,13 @@ pub enum Name {
     Recover,
     Refill,
     IssueToken,
+    TransferOut,
+    TransferIn,
+    TransferDone,
+    ReleaseLock,
 }
 
-const EMBEDDED: [(Name, &str, &str); 6] = [
+const EMBEDDED: [(Name, &str, &str); 10] = [
     (
         Name::Purchase,
         "purchase.lua",
@@ -53,6 +57,26 @@ const EMBEDDED: [(Name, &str, &str); 6] = [
         Name::IssueToken,
         "issue_token.lua",
         include_str!("../../lua/issue_token.lua"),
+    ),
+    (
+        Name::TransferOut,
+        "transfer_out.lua",
+        include_str!("../../lua/transfer_out.lua"),
+    ),
+    (
+        Name::TransferIn,
+        "transfer_in.lua",
+        include_str!("../../lua/transfer_in.lua"),
+    ),
+    (
+        Name::TransferDone,
+        "transfer_done.lua",
+        include_str!("../../lua/transfer_done.lua"),
+    ),
+    (
+        Name::ReleaseLock,
+        "release_lock.lua",
+        include_str!("../../lua/release_lock.lua"),
     ),
 ];
 
@@ -167,6 +191,28 @@ pub mod codes {
         pub const WRITTEN: i64 = 1;
         pub const REFUSED: i64 = 2;
     }
+    /// `transfer_out.lua`: a positive count is the units taken.
+    pub mod transfer_out {
+        pub const EMPTY: i64 = 0;
+        pub const NO_STATE: i64 = -1;
+    }
+    /// `transfer_in.lua`.
+    pub mod transfer_in {
+        pub const ALREADY_RECEIVED: i64 = 0;
+        pub const ADDED: i64 = 1;
+        pub const NO_STATE: i64 = -1;
+    }
+    /// `transfer_done.lua`.
+    pub mod transfer_done {
+        pub const ALREADY_DONE: i64 = 0;
+        pub const DONE: i64 = 1;
+        pub const NO_RECORD: i64 = -1;
+    }
+    /// `release_lock.lua`.
+    pub mod release_lock {
+        pub const NOT_HELD: i64 = 0;
+        pub const RELEASED: i64 = 1;
+    }
 }
 
 #[cfg(test)]
@@ -177,7 +223,7 @@ mod tests {
     /// the Rust names and the Lua header cannot drift apart silently.
     #[test]
     fn every_named_code_is_in_its_script_header() {
-        let table: [(&str, &[i64]); 5] = [
+        let table: [(&str, &[i64]); 9] = [
             (
                 "purchase.lua",
                 &[
@@ -219,6 +265,30 @@ mod tests {
             (
                 "refill.lua",
                 &[codes::refill::WRITTEN, codes::refill::REFUSED],
+            ),
+            (
+                "transfer_out.lua",
+                &[codes::transfer_out::EMPTY, codes::transfer_out::NO_STATE],
+            ),
+            (
+                "transfer_in.lua",
+                &[
+                    codes::transfer_in::ALREADY_RECEIVED,
+                    codes::transfer_in::ADDED,
+                    codes::transfer_in::NO_STATE,
+                ],
+            ),
+            (
+                "transfer_done.lua",
+                &[
+                    codes::transfer_done::ALREADY_DONE,
+                    codes::transfer_done::DONE,
+                    codes::transfer_done::NO_RECORD,
+                ],
+            ),
+            (
+                "release_lock.lua",
+                &[codes::release_lock::NOT_HELD, codes::release_lock::RELEASED],
             ),
         ];
         for (name, codes) in table {

@@ -6,6 +6,7 @@
 //! change is atomic. This module owns Redis; the record of promotions and
 //! orders lives in PostgreSQL (`promotions`, `orders`).
 
+pub mod buckets;
 pub mod clock;
 pub mod coalesce;
 pub mod keys;
@@ -16,6 +17,6 @@ pub mod store;
 pub use keys::Keys;
 pub use message::{Entry, OrderMessage};
 pub use store::{
-    Admission, Buyer, ConnectOptions, LiveCounters, Outcome, PromotionMeta, Recover, Refill,
-    Restock, Snapshot, Store,
+    Admission, Buyer, ConnectOptions, Levels, LiveCounters, Outcome, PromotionMeta, Recover,
+    Refill, Restock, SeenTransfers, Snapshot, Store, TransferOut, Transit,
 };

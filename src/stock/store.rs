@@ -26,9 +26,13 @@ use redis::{
     AsyncCommands, ErrorKind, ExistenceCheck, RedisError, RedisResult, SetExpiry, SetOptions,
 };
 
-use super::keys::Keys;
+use super::buckets::{self, MAX_BUCKETS};
+use super::keys::{Keys, PromotionKeys};
 use super::lua::{self, Name, codes, script};
 use super::message::{Entry, OrderMessage, ReadReply};
+
+mod buckets_ops;
+pub use buckets_ops::{Levels, SeenTransfers, TransferOut, Transit};
 
 /// Entries read per page when a stream is read whole, and members written
 /// per command when a hash or set is refilled.
@@ -154,6 +158,8 @@ pub struct PromotionMeta {
     pub stock: i64,
     pub require_token: bool,
     pub require_captcha: bool,
+    /// Buckets the stock is split into (1: not split).
+    pub buckets: u32,
 }
 
 /// A buyer for the purchase script: the user and the order id to use if they win.
@@ -174,8 +180,12 @@ pub struct LiveCounters {
     pub returned: i64,
     /// Order messages not yet persisted and acknowledged.
     pub in_stream: i64,
-    /// Whether the meta hash exists (the promotion can be sold).
+    /// Whether the meta hash exists (the promotion can be sold); for a
+    /// bucketed promotion, the meta of every bucket.
     pub has_meta: bool,
+    /// Units taken out of a bucket by a transfer not yet added to another
+    /// (0 unless the promotion is bucketed).
+    pub in_transit: i64,
 }
 
 /// One promotion's sale state at one instant (see [`Store::snapshot`]).
@@ -191,6 +201,8 @@ pub struct Snapshot {
     pub won: HashSet<String>,
     /// The sum of the buyers' counts, when asked for.
     pub bought_by_buyers: Option<i64>,
+    /// Units in transit between buckets (see [`LiveCounters::in_transit`]).
+    pub in_transit: i64,
 }
 
 /// An error for a reply the program does not understand: never guessed at.
@@ -258,19 +270,21 @@ impl Store {
     /// Runs `lua/purchase.lua` for `buyers` of promotion `id`; one outcome
     /// per buyer, in order.
     pub async fn purchase(&self, id: i64, buyers: &[Buyer]) -> RedisResult<Vec<Outcome>> {
-        self.purchase_traced(id, buyers, &[]).await
+        self.purchase_in(id, 0, buyers, &[]).await
     }
 
-    /// [`Store::purchase`] with each buyer's W3C `traceparent` (one per
-    /// buyer, in order; empty: none), written into its order message. An
-    /// empty slice sends exactly what `purchase` sends.
-    pub async fn purchase_traced(
+    /// [`Store::purchase`] on bucket `bucket` of a promotion (0 when it is
+    /// not split), with each buyer's W3C `traceparent` (one per buyer, in
+    /// order; empty: none) written into its order message. An empty
+    /// `traceparents` sends exactly what an untraced purchase sends.
+    pub async fn purchase_in(
         &self,
         id: i64,
+        bucket: u32,
         buyers: &[Buyer],
         traceparents: &[String],
     ) -> RedisResult<Vec<Outcome>> {
-        let k = self.keys.promotion(id);
+        let k = self.keys.bucket(id, bucket);
         let mut call = script(Name::Purchase).prepare_invoke();
         call.key(&k.meta)
             .key(&k.stock)
@@ -318,13 +332,14 @@ impl Store {
 
     /// The keys and arguments preheat.lua and recover.lua share: KEYS meta,
     /// stock, orders; ARGV 1–9 the promotion's meta, the consumer group and
-    /// `require_captcha`.
+    /// `require_captcha`; on bucket `bucket`'s keys.
     fn with_meta<'a>(
         &self,
         script: &'a redis::Script,
         meta: &PromotionMeta,
+        bucket: u32,
     ) -> redis::ScriptInvocation<'a> {
-        let k = self.keys.promotion(meta.id);
+        let k = self.keys.bucket(meta.id, bucket);
         let mut call = script.prepare_invoke();
         call.key(&k.meta)
             .key(&k.stock)
@@ -344,24 +359,51 @@ impl Store {
     /// Runs `lua/preheat.lua` (meta, stock, the workers' consumer group) and
     /// adds the promotion to the live set the workers read. Returns the units
     /// left on sale.
+    /// For a bucketed promotion, every bucket, each with its share of the
+    /// stock; the sum of what is left is returned.
     pub async fn preheat(&self, meta: &PromotionMeta) -> anyhow::Result<i64> {
         let mut conn = self.conn();
-        let left: i64 = self
-            .with_meta(script(Name::Preheat), meta)
-            .invoke_async(&mut conn)
-            .await
-            .with_context(|| format!("failed to preheat promotion {} in redis", meta.id))?;
+        let n = meta.buckets.clamp(1, MAX_BUCKETS);
+        let mut total = 0;
+        for bucket in 0..n {
+            let mut call = self.with_meta(script(Name::Preheat), meta, bucket);
+            if n > 1 {
+                call.arg(buckets::share(meta.stock, n, bucket)).arg(n);
+            }
+            let left: i64 = call
+                .invoke_async(&mut conn)
+                .await
+                .with_context(|| format!("failed to preheat promotion {} in redis", meta.id))?;
+            total += left;
+        }
         self.add_live(meta.id).await?;
-        Ok(left)
+        Ok(total)
+    }
+
+    /// Promotion `id`'s number of buckets, as bucket 0's meta records it
+    /// (1 when it records none, or has no meta).
+    pub async fn bucket_count(&self, id: i64) -> RedisResult<u32> {
+        let n: Option<u32> = self
+            .conn()
+            .hget(self.keys.promotion(id).meta, "buckets")
+            .await?;
+        Ok(n.unwrap_or(1).clamp(1, MAX_BUCKETS))
     }
 
     /// Takes promotion `id`'s recovery lock for `ttl` under `token`;
     /// `false` when another recovery holds it.
-    pub async fn lock_recovery(&self, id: i64, token: &str, ttl: Duration) -> RedisResult<bool> {
+    /// (Of bucket `bucket`: each bucket is rebuilt under a lock of its own.)
+    pub async fn lock_recovery(
+        &self,
+        id: i64,
+        bucket: u32,
+        token: &str,
+        ttl: Duration,
+    ) -> RedisResult<bool> {
         let set: Option<String> = self
             .conn()
             .set_options(
-                self.keys.promotion(id).recovering,
+                self.keys.bucket(id, bucket).recovering,
                 token,
                 SetOptions::default()
                     .conditional_set(ExistenceCheck::NX)
@@ -377,11 +419,12 @@ impl Store {
     pub async fn refill(
         &self,
         id: i64,
+        bucket: u32,
         token: &str,
         ttl: Duration,
         chunk: Refill<'_>,
     ) -> anyhow::Result<bool> {
-        let k = self.keys.promotion(id);
+        let k = self.keys.bucket(id, bucket);
         let mut call = script(Name::Refill).prepare_invoke();
         call.key(&k.meta)
             .key(&k.recovering)
@@ -424,9 +467,14 @@ impl Store {
 
     /// One page of the ids in promotion `id`'s returned set (`SSCAN`), from
     /// `cursor` (0 to start); the next cursor is 0 after the last page.
-    pub async fn returned_page(&self, id: i64, cursor: u64) -> RedisResult<(u64, Vec<String>)> {
+    pub async fn returned_page(
+        &self,
+        id: i64,
+        bucket: u32,
+        cursor: u64,
+    ) -> RedisResult<(u64, Vec<String>)> {
         redis::cmd("SSCAN")
-            .arg(self.keys.promotion(id).returned)
+            .arg(self.keys.bucket(id, bucket).returned)
             .arg(cursor)
             .arg("COUNT")
             .arg(CHUNK)
@@ -435,19 +483,29 @@ impl Store {
     }
 
     /// Runs `lua/recover.lua` for the recovery holding `token`: writes stock
-    /// and meta unless the meta exists.
+    /// and meta unless the meta exists. For a bucket of a bucketed
+    /// promotion, `moved` is the bucket's (moved_out, moved_in).
     pub async fn recover(
         &self,
         meta: &PromotionMeta,
+        bucket: u32,
         sold: i64,
         returned: i64,
         token: &str,
+        moved: (i64, i64),
     ) -> RedisResult<Recover> {
-        let mut call = self.with_meta(script(Name::Recover), meta);
-        call.key(self.keys.promotion(meta.id).recovering)
+        let mut call = self.with_meta(script(Name::Recover), meta, bucket);
+        call.key(self.keys.bucket(meta.id, bucket).recovering)
             .arg(sold)
             .arg(returned)
             .arg(token);
+        let n = meta.buckets.clamp(1, MAX_BUCKETS);
+        if n > 1 {
+            call.arg(buckets::share(meta.stock, n, bucket))
+                .arg(n)
+                .arg(moved.0)
+                .arg(moved.1);
+        }
         let code: i64 = call.invoke_async(&mut self.conn()).await?;
         match code {
             codes::recover::REBUILT => Ok(Recover::Rebuilt),
@@ -457,9 +515,16 @@ impl Store {
         }
     }
 
-    /// Runs `lua/restock.lua`: gives the unit of `order_id` back, once.
-    pub async fn restock(&self, promotion_id: i64, order_id: &str) -> RedisResult<Restock> {
-        let k = self.keys.promotion(promotion_id);
+    /// Runs `lua/restock.lua`: gives the unit of `order_id` back, once, to
+    /// bucket `bucket` (the buyer's: the one it was taken from; 0 when the
+    /// promotion is not split).
+    pub async fn restock(
+        &self,
+        promotion_id: i64,
+        bucket: u32,
+        order_id: &str,
+    ) -> RedisResult<Restock> {
+        let k = self.keys.bucket(promotion_id, bucket);
         let code: i64 = script(Name::Restock)
             .key(&k.meta)
             .key(&k.stock)
@@ -475,22 +540,27 @@ impl Store {
         }
     }
 
-    /// Runs `lua/issue_token.lua` for `user_id`.
+    /// Runs `lua/issue_token.lua` for `user_id`. A promotion split into
+    /// `buckets` > 1 counts its admitted buyers in bucket 0, against the
+    /// cap only (bucket 0's stock is not the promotion's).
     pub async fn issue_token(
         &self,
         id: i64,
         user_id: i64,
         cap_multiple: u64,
+        buckets: u32,
     ) -> RedisResult<Admission> {
         let k = self.keys.promotion(id);
-        let code: i64 = script(Name::IssueToken)
-            .key(&k.meta)
+        let mut call = script(Name::IssueToken).prepare_invoke();
+        call.key(&k.meta)
             .key(&k.stock)
             .key(&k.tokens)
             .arg(user_id)
-            .arg(cap_multiple)
-            .invoke_async(&mut self.conn())
-            .await?;
+            .arg(cap_multiple);
+        if buckets > 1 {
+            call.arg(1);
+        }
+        let code: i64 = call.invoke_async(&mut self.conn()).await?;
         use codes::issue_token as c;
         match code {
             c::ADMITTED | c::ADMITTED_BEFORE => Ok(Admission::Admitted),
@@ -522,6 +592,7 @@ impl Store {
                     "stock",
                     "require_token",
                     "require_captcha",
+                    "buckets",
                 ],
             )
             .await?;
@@ -534,6 +605,7 @@ impl Store {
             Some(stock),
             require_token,
             require_captcha,
+            buckets,
         ] = fields[..]
         else {
             return Ok(None);
@@ -547,107 +619,179 @@ impl Store {
             stock,
             require_token: require_token == Some(1),
             require_captcha: require_captcha == Some(1),
+            buckets: buckets.unwrap_or(1).clamp(1, i64::from(MAX_BUCKETS)) as u32,
         }))
     }
 
     /// Stock, `sold`, `returned`, the stream length and whether the meta
-    /// exists, in one round trip.
+    /// exists, in one round trip; for a bucketed promotion, summed over its
+    /// buckets (one round trip each), with the units in transit.
     pub async fn counters(&self, id: i64) -> RedisResult<LiveCounters> {
-        let k = self.keys.promotion(id);
-        let (remaining, sold, returned, in_stream, has_meta): (
-            Option<i64>,
-            Option<i64>,
-            Option<i64>,
-            i64,
-            bool,
-        ) = redis::pipe()
-            .get(&k.stock)
-            .hget(&k.meta, "sold")
-            .hget(&k.meta, "returned")
-            .xlen(&k.orders)
-            .exists(&k.meta)
-            .query_async(&mut self.conn())
-            .await?;
-        Ok(LiveCounters {
+        let (mut total, n, mut moved) = self.bucket_counters(&self.keys.promotion(id)).await?;
+        for bucket in 1..n {
+            let (c, _, m) = self.bucket_counters(&self.keys.bucket(id, bucket)).await?;
+            total.remaining = match (total.remaining, c.remaining) {
+                (Some(a), Some(b)) => Some(a + b),
+                (a, b) => a.or(b),
+            };
+            total.sold += c.sold;
+            total.returned += c.returned;
+            total.in_stream += c.in_stream;
+            total.has_meta &= c.has_meta;
+            moved += m;
+        }
+        total.in_transit = moved;
+        Ok(total)
+    }
+
+    /// One bucket's counters, its number of buckets (from its meta, 1 when
+    /// none) and its `moved_out - moved_in`, in one round trip.
+    async fn bucket_counters(&self, k: &PromotionKeys) -> RedisResult<(LiveCounters, u32, i64)> {
+        let (remaining, fields, in_stream, has_meta): (Option<i64>, Vec<Option<i64>>, i64, bool) =
+            redis::pipe()
+                .get(&k.stock)
+                .hmget(
+                    &k.meta,
+                    &["sold", "returned", "buckets", "moved_out", "moved_in"],
+                )
+                .xlen(&k.orders)
+                .exists(&k.meta)
+                .query_async(&mut self.conn())
+                .await?;
+        let field = |i: usize| fields.get(i).copied().flatten();
+        let counters = LiveCounters {
             remaining,
-            sold: sold.unwrap_or(0),
-            returned: returned.unwrap_or(0),
+            sold: field(0).unwrap_or(0),
+            returned: field(1).unwrap_or(0),
             in_stream,
             has_meta,
-        })
+            in_transit: 0,
+        };
+        let n = field(2).unwrap_or(1).clamp(1, i64::from(MAX_BUCKETS)) as u32;
+        let moved = field(3).unwrap_or(0) - field(4).unwrap_or(0);
+        Ok((counters, n, moved))
     }
 
     /// A consistent view of promotion `id` for reconciliation: counters and
     /// the returned and accepted order ids, read in one `MULTI`, so no
     /// script runs in between. The buyers' counts are added up only when
-    /// `with_buyers` (`HVALS`, O(buyers)).
+    /// `with_buyers` (`HVALS`, O(buyers)). A bucketed promotion is read one
+    /// bucket after another (one `MULTI` each) and summed: an order may
+    /// cross from a bucket's stock to `won` between two reads of different
+    /// buckets, never inside one, and a unit in transit is counted by
+    /// `moved_out - moved_in`.
     pub async fn snapshot(&self, id: i64, with_buyers: bool) -> RedisResult<Snapshot> {
-        let k = self.keys.promotion(id);
-        type Counters = (Option<i64>, Option<i64>, Option<i64>);
+        let n = self.bucket_count(id).await?;
+        let mut total = self
+            .bucket_snapshot(&self.keys.promotion(id), with_buyers)
+            .await?;
+        for bucket in 1..n {
+            let s = self
+                .bucket_snapshot(&self.keys.bucket(id, bucket), with_buyers)
+                .await?;
+            total.remaining = match (total.remaining, s.remaining) {
+                (Some(a), Some(b)) => Some(a + b),
+                (a, b) => a.or(b),
+            };
+            total.sold += s.sold;
+            total.returned += s.returned;
+            total.returned_ids.extend(s.returned_ids);
+            total.won.extend(s.won);
+            total.bought_by_buyers = total
+                .bought_by_buyers
+                .zip(s.bought_by_buyers)
+                .map(|(a, b)| a + b);
+            total.in_transit += s.in_transit;
+        }
+        Ok(total)
+    }
+
+    async fn bucket_snapshot(&self, k: &PromotionKeys, with_buyers: bool) -> RedisResult<Snapshot> {
+        type Counters = (Option<i64>, Vec<Option<i64>>);
         type Ids = (HashSet<String>, HashSet<String>);
+        let fields = ["sold", "returned", "moved_out", "moved_in"];
         let mut conn = self.conn();
-        let ((remaining, sold, returned), (returned_ids, won), bought) = if with_buyers {
+        let ((remaining, f), (returned_ids, won), bought) = if with_buyers {
             let (c, i, bought): (Counters, Ids, Vec<i64>) = redis::pipe()
                 .atomic()
                 .get(&k.stock)
-                .hget(&k.meta, "sold")
-                .hget(&k.meta, "returned")
+                .hmget(&k.meta, &fields)
                 .smembers(&k.returned)
                 .hkeys(&k.won)
                 .hvals(&k.buyers)
                 .query_async(&mut conn)
                 .await
-                .map(|(a, b, c, d, e, f)| ((a, b, c), (d, e), f))?;
+                .map(|(a, b, d, e, f)| ((a, b), (d, e), f))?;
             (c, i, Some(bought.iter().sum()))
         } else {
             let (c, i): (Counters, Ids) = redis::pipe()
                 .atomic()
                 .get(&k.stock)
-                .hget(&k.meta, "sold")
-                .hget(&k.meta, "returned")
+                .hmget(&k.meta, &fields)
                 .smembers(&k.returned)
                 .hkeys(&k.won)
                 .query_async(&mut conn)
                 .await
-                .map(|(a, b, c, d, e)| ((a, b, c), (d, e)))?;
+                .map(|(a, b, d, e)| ((a, b), (d, e)))?;
             (c, i, None)
         };
-        let snapshot = Snapshot {
+        let field = |i: usize| f.get(i).copied().flatten().unwrap_or(0);
+        Ok(Snapshot {
             remaining,
-            sold: sold.unwrap_or(0),
-            returned: returned.unwrap_or(0),
+            sold: field(0),
+            returned: field(1),
             returned_ids,
             won,
             bought_by_buyers: bought,
-        };
-        Ok(snapshot)
+            in_transit: field(2) - field(3),
+        })
     }
 
-    /// Units left on sale for several promotions in one round trip.
+    /// Units left on sale for several promotions in one round trip (and
+    /// one more per bucketed promotion among them).
     pub async fn remaining_many(&self, ids: &[i64]) -> RedisResult<Vec<Option<i64>>> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let stock_keys: Vec<String> = ids
-            .iter()
-            .map(|id| self.keys.promotion(*id).stock)
-            .collect();
-        self.conn().mget(stock_keys).await
+        let mut pipe = redis::pipe();
+        for id in ids {
+            let k = self.keys.promotion(*id);
+            pipe.get(&k.stock).hget(&k.meta, "buckets");
+        }
+        let replies: Vec<(Option<i64>, Option<u32>)> = pipe.query_async(&mut self.conn()).await?;
+        let mut out = Vec::with_capacity(ids.len());
+        for (id, (first, n)) in ids.iter().zip(replies) {
+            let n = n.unwrap_or(1).clamp(1, MAX_BUCKETS);
+            if n == 1 || first.is_none() {
+                out.push(first);
+            } else {
+                out.push(Some(self.bucket_stocks(*id, n).await?.iter().sum()));
+            }
+        }
+        Ok(out)
     }
 
-    /// The sum of every buyer's count (`HVALS`, O(buyers)).
+    /// The sum of every buyer's count (`HVALS`, O(buyers)), over every bucket.
     pub async fn bought_by_buyers(&self, id: i64) -> RedisResult<i64> {
-        let counts: Vec<i64> = self.conn().hvals(self.keys.promotion(id).buyers).await?;
-        Ok(counts.iter().sum())
+        let n = self.bucket_count(id).await?;
+        let mut total = 0;
+        for bucket in 0..n {
+            let counts: Vec<i64> = self
+                .conn()
+                .hvals(self.keys.bucket(id, bucket).buyers)
+                .await?;
+            total += counts.iter().sum::<i64>();
+        }
+        Ok(total)
     }
 
-    /// Removes a promotion's whole Redis state.
-    pub async fn forget(&self, id: i64) -> anyhow::Result<()> {
-        let k = self.keys.promotion(id);
-        redis::pipe()
-            .atomic()
-            .srem(self.keys.live_promotions(), id)
-            .del(&[
+    /// Removes a promotion's whole Redis state (of each of its `buckets`
+    /// buckets). Bucket 0 goes first, in one step with the live set and
+    /// with no read before it, so an undo sent right after a failed call
+    /// follows that call on the connection.
+    pub async fn forget(&self, id: i64, buckets: u32) -> anyhow::Result<()> {
+        let keys_of = |k: PromotionKeys| {
+            [
                 k.meta,
                 k.stock,
                 k.buyers,
@@ -657,18 +801,45 @@ impl Store {
                 k.tokens,
                 k.won,
                 k.recovering,
-            ])
+                k.transfers,
+                k.received,
+            ]
+        };
+        redis::pipe()
+            .atomic()
+            .srem(self.keys.live_promotions(), id)
+            .del(&keys_of(self.keys.promotion(id)))
             .exec_async(&mut self.conn())
             .await
-            .with_context(|| format!("failed to remove promotion {id} from redis"))
+            .with_context(|| format!("failed to remove promotion {id} from redis"))?;
+        for bucket in 1..buckets.clamp(1, MAX_BUCKETS) {
+            let _: () = self
+                .conn()
+                .del(&keys_of(self.keys.bucket(id, bucket)))
+                .await
+                .with_context(|| format!("failed to remove promotion {id} from redis"))?;
+        }
+        Ok(())
     }
 
     // ---- Buyers' results, captchas ---------------------------------------
 
     /// The order id of `user_id`'s latest purchase in promotion `id`.
+    /// Looked up in the buyer's bucket: one round trip, two for a
+    /// bucketed promotion.
     pub async fn latest_order(&self, id: i64, user_id: i64) -> RedisResult<Option<String>> {
+        let k = self.keys.promotion(id);
+        let (latest, n): (Option<String>, Option<u32>) = redis::pipe()
+            .hget(&k.results, user_id)
+            .hget(&k.meta, "buckets")
+            .query_async(&mut self.conn())
+            .await?;
+        let bucket = buckets::bucket_of(user_id, n.unwrap_or(1).clamp(1, MAX_BUCKETS));
+        if bucket == 0 {
+            return Ok(latest);
+        }
         self.conn()
-            .hget(self.keys.promotion(id).results, user_id)
+            .hget(self.keys.bucket(id, bucket).results, user_id)
             .await
     }
 
@@ -681,7 +852,16 @@ impl Store {
         }
         let mut pipe = redis::pipe();
         for id in &live {
-            pipe.hget(self.keys.promotion(*id).won, order_id);
+            pipe.hget(self.keys.promotion(*id).meta, "buckets");
+        }
+        let counts: Vec<Option<u32>> = pipe.query_async(&mut self.conn()).await?;
+        let mut pipe = redis::pipe();
+        for (id, n) in live.iter().zip(counts) {
+            let n = n.unwrap_or(1).clamp(1, MAX_BUCKETS);
+            pipe.hget(
+                self.keys.bucket(*id, buckets::bucket_of(user_id, n)).won,
+                order_id,
+            );
         }
         let owners: Vec<Option<i64>> = pipe.query_async(&mut self.conn()).await?;
         Ok(owners.contains(&Some(user_id)))
@@ -739,7 +919,20 @@ impl Store {
     /// Removes the consumers of promotion `id`'s stream that hold no entry
     /// and have been idle at least `idle`; returns how many.
     pub async fn prune_consumers(&self, id: i64, idle: Duration) -> RedisResult<usize> {
-        let stream = self.keys.promotion(id).orders;
+        let mut removed = 0;
+        for stream in self.order_streams(id).await? {
+            removed += self.prune_stream_consumers(stream, idle).await?;
+        }
+        Ok(removed)
+    }
+
+    /// The order streams of promotion `id`: one per bucket.
+    pub async fn order_streams(&self, id: i64) -> RedisResult<Vec<String>> {
+        let n = self.bucket_count(id).await?;
+        Ok((0..n).map(|b| self.keys.bucket(id, b).orders).collect())
+    }
+
+    async fn prune_stream_consumers(&self, stream: String, idle: Duration) -> RedisResult<usize> {
         let group = self.keys.consumer_group();
         let mut conn = self.conn();
         let reply: RedisResult<StreamInfoConsumersReply> =
@@ -870,8 +1063,18 @@ impl Store {
     }
 
     /// The length and pending count of promotion `id`'s stream.
+    /// Summed over its buckets' streams.
     pub async fn stream_depth(&self, id: i64) -> RedisResult<(i64, i64)> {
-        let stream = self.keys.promotion(id).orders;
+        let (mut len, mut pending) = (0, 0);
+        for stream in self.order_streams(id).await? {
+            let (l, p) = self.one_stream_depth(stream).await?;
+            len += l;
+            pending += p;
+        }
+        Ok((len, pending))
+    }
+
+    async fn one_stream_depth(&self, stream: String) -> RedisResult<(i64, i64)> {
         let depth: RedisResult<(i64, StreamPendingReply)> = redis::pipe()
             .xlen(&stream)
             .xpending(&stream, self.keys.consumer_group())
@@ -887,14 +1090,22 @@ impl Store {
 
     /// The order messages still in promotion `id`'s stream, read in pages
     /// (empty when the stream is gone).
+    /// Every bucket's stream of a bucketed promotion.
     pub async fn stream_orders(&self, id: i64) -> anyhow::Result<Vec<OrderMessage>> {
-        let stream = self.keys.promotion(id).orders;
+        let mut out = Vec::new();
+        for stream in self.order_streams(id).await? {
+            out.extend(self.one_stream_orders(&stream).await?);
+        }
+        Ok(out)
+    }
+
+    async fn one_stream_orders(&self, stream: &str) -> anyhow::Result<Vec<OrderMessage>> {
         let mut conn = self.conn();
         let mut out = Vec::new();
         let mut start = "-".to_string();
         loop {
             let page: StreamRangeReply = conn
-                .xrange_count(&stream, &start, "+", CHUNK)
+                .xrange_count(stream, &start, "+", CHUNK)
                 .await
                 .context("failed to read the order stream")?;
             let Some(last) = page.ids.last().map(|e| e.id.clone()) else {

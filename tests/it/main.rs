@@ -8,6 +8,7 @@ mod procs;
 mod accounts;
 mod admin;
 mod browser;
+mod buckets;
 mod compose;
 mod copy;
 mod docs;

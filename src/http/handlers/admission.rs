@@ -61,7 +61,7 @@ pub async fn token(req: Request) -> Result<Response, ApiError> {
     }
     let admission = state
         .store
-        .issue_token(id, user_id, state.settings.token_cap_multiple)
+        .issue_token(id, user_id, state.settings.token_cap_multiple, meta.buckets)
         .await?;
     if admission != Admission::Admitted {
         if admission == Admission::Unknown {

@@ -13,7 +13,7 @@ use crate::http::request::Request;
 use crate::http::{ApiError, Response, json};
 use crate::orders::repo as orders;
 use crate::promotions::cache::SoldOut;
-use crate::stock::{Buyer, Outcome};
+use crate::stock::{Buyer, Outcome, buckets};
 
 /// The purchase body: `{}` or `{"token": "..."}`. There is no quantity: one
 /// call buys one unit, and unknown fields are refused.
@@ -79,7 +79,10 @@ pub async fn purchase(req: Request) -> Result<Response, ApiError> {
         user_id,
         order_id: uuid::Uuid::now_v7().to_string(),
     };
-    let outcome = state.purchases.purchase(id, buyer).await?;
+    let outcome = state
+        .purchases
+        .purchase_split(id, meta.buckets, buyer)
+        .await?;
 
     match outcome {
         Outcome::Bought { order_id } => {
@@ -95,7 +98,12 @@ pub async fn purchase(req: Request) -> Result<Response, ApiError> {
             ))
         }
         Outcome::SoldOut => {
-            state.cache.mark_sold_out(id).await;
+            // A bucketed promotion is sold out only when no bucket has a
+            // unit and none is in transit; the buyer's bucket being dry
+            // after the transfers is not enough to flag the whole sale.
+            if meta.buckets <= 1 || buckets::is_dry(&state.store, id, meta.buckets).await? {
+                state.cache.mark_sold_out(id).await;
+            }
             Err(rejected(outcome.into()))
         }
         Outcome::Unknown => {

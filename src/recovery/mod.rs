@@ -4,6 +4,8 @@
 //! (stock = initial − orders + cancelled, buyers and their latest orders from
 //! PostgreSQL and from whatever is left in the stream). [`reconcile`] proves
 //! the two stores agree. Both run from the CLI; recovery also at start-up.
+//! [`buckets`] does the same for a promotion split into buckets, one lost
+//! bucket at a time, and finishes the transfers a crash left in transit.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
@@ -17,8 +19,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::orders::repo as orders;
 use crate::promotions::{Promotion, repo};
+use crate::stock::buckets::bucket_of;
 use crate::stock::{Recover, Refill, Store};
 use crate::{checkpoint, pace};
+
+pub mod buckets;
 
 /// Rows read from PostgreSQL and written to Redis per step of a rebuild.
 const CHUNK: usize = 1000;
@@ -26,7 +31,7 @@ const CHUNK: usize = 1000;
 /// How long a recovery's lock on a promotion lasts without a write; each
 /// chunk it writes extends it. A recovery that stalls longer loses the lock,
 /// and its later writes are refused (the lock's token fences them).
-const LOCK_TTL: Duration = Duration::from_secs(60);
+pub(crate) const LOCK_TTL: Duration = Duration::from_secs(60);
 
 /// The pause point after a recovery took its lock and read both stores,
 /// before it writes (see `checkpoint`).
@@ -79,6 +84,9 @@ pub async fn recover(
 }
 
 async fn recover_one(db: &PgPool, store: &Store, p: &Promotion) -> anyhow::Result<Recovered> {
+    if p.buckets > 1 {
+        return buckets::recover(db, store, p).await;
+    }
     let live = store
         .counters(p.id)
         .await
@@ -96,7 +104,7 @@ async fn recover_one(db: &PgPool, store: &Store, p: &Promotion) -> anyhow::Resul
     }
     // One recovery per promotion at a time; the token fences its writes.
     let token = uuid::Uuid::new_v4().simple().to_string();
-    if !store.lock_recovery(p.id, &token, LOCK_TTL).await? {
+    if !store.lock_recovery(p.id, 0, &token, LOCK_TTL).await? {
         tracing::info!(
             promotion = p.id,
             "another recovery holds the promotion; skipped"
@@ -104,7 +112,7 @@ async fn recover_one(db: &PgPool, store: &Store, p: &Promotion) -> anyhow::Resul
         return Ok(unchanged(true));
     }
 
-    let counted = match rebuild(db, store, p, &token).await? {
+    let counted = match rebuild(db, store, p, 0, &token, (0, 0)).await? {
         Some(counted) => counted,
         None => {
             tracing::warn!(
@@ -116,19 +124,7 @@ async fn recover_one(db: &PgPool, store: &Store, p: &Promotion) -> anyhow::Resul
     };
     let (sold, returned) = (counted.sold, counted.returned);
     store.add_live(p.id).await?;
-    // The units of the cancelled orders counted are in the rebuilt stock:
-    // record them as returned, and only them (an order cancelled since is
-    // returned by its own restock, or the sweeper's). The returned set holds
-    // exactly those, plus units a restock gave back since (already recorded).
-    let mut cursor = 0;
-    loop {
-        let (next, ids) = store.returned_page(p.id, cursor).await?;
-        orders::mark_restocked_all(db, &ids).await?;
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
+    mark_returned(db, store, p.id, 0).await?;
     let remaining = (p.stock - sold + returned).max(0);
     {
         tracing::warn!(
@@ -149,6 +145,25 @@ async fn recover_one(db: &PgPool, store: &Store, p: &Promotion) -> anyhow::Resul
     })
 }
 
+/// Records the units of bucket `bucket`'s returned set as back in
+/// PostgreSQL.
+///
+/// The units of the cancelled orders counted are in the rebuilt stock:
+/// record them as returned, and only them (an order cancelled since is
+/// returned by its own restock, or the sweeper's). The returned set holds
+/// exactly those, plus units a restock gave back since (already recorded).
+async fn mark_returned(db: &PgPool, store: &Store, id: i64, bucket: u32) -> anyhow::Result<()> {
+    let mut cursor = 0;
+    loop {
+        let (next, ids) = store.returned_page(id, bucket, cursor).await?;
+        orders::mark_restocked_all(db, &ids).await?;
+        if next == 0 {
+            return Ok(());
+        }
+        cursor = next;
+    }
+}
+
 /// Redis and PostgreSQL side by side for one promotion.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reconciliation {
@@ -158,6 +173,8 @@ pub struct Reconciliation {
     pub remaining: Option<i64>,
     pub sold: i64,
     pub returned: i64,
+    /// Units in transit between the buckets of a bucketed promotion.
+    pub in_transit: i64,
     /// Sum of the buyers' counts.
     pub bought_by_buyers: i64,
     /// Accepted orders still in the stream (not acknowledged yet).
@@ -180,7 +197,9 @@ pub struct Reconciliation {
 /// only grow between the two reads in the direction that cannot fake a
 /// mismatch, so work in flight (an order in the stream, a cancel whose unit
 /// is on its way back) is never reported as drift. Checks: remaining + sold −
-/// returned = stock; the buyers' counts add up to sold; sold = accepted
+/// returned + in transit = stock (for a bucketed promotion each bucket is
+/// read in one `MULTI` and its own identity holds in it, so the sum is
+/// exact however the reads of two buckets interleave with a transfer); the buyers' counts add up to sold; sold = accepted
 /// orders; every accepted order is in the stream or in PostgreSQL; the
 /// returned counter matches the returned orders, each of them cancelled in
 /// PostgreSQL; every order PostgreSQL records as returned is returned in
@@ -245,7 +264,7 @@ async fn reconcile_one(
         None if p.ends_at > Utc::now() => 1 + counts.persisted,
         None => 0,
         Some(left) => {
-            (left + sold - returned - p.stock).abs()
+            (left + sold - returned + snap.in_transit - p.stock).abs()
                 + (bought_by_buyers - sold).abs()
                 + (sold - snap.won.len() as i64).abs()
                 + lost
@@ -260,6 +279,7 @@ async fn reconcile_one(
         remaining: snap.remaining,
         sold,
         returned,
+        in_transit: snap.in_transit,
         bought_by_buyers,
         unpersisted,
         lost,
@@ -278,7 +298,9 @@ struct Counted {
 
 /// Writes promotion `p`'s sale state from PostgreSQL and what is left of its
 /// stream, for the recovery holding `token`; `None` when it lost the lock
-/// (or another recovery finished first) and stopped writing.
+/// (or another recovery finished first) and stopped writing. For a
+/// bucketed promotion, the state of bucket `bucket` only: the orders of the
+/// buyers who hash to it, and `moved` (its units moved out and in).
 ///
 /// The stream is read first, then PostgreSQL on one snapshot: an entry
 /// persisted (and deleted from the stream) in between is found in the
@@ -289,9 +311,13 @@ async fn rebuild(
     db: &PgPool,
     store: &Store,
     p: &Promotion,
+    bucket: u32,
     token: &str,
+    moved: (i64, i64),
 ) -> anyhow::Result<Option<Counted>> {
-    let in_stream = store.stream_orders(p.id).await?;
+    let n = p.meta().buckets;
+    let mine = |user: i64| bucket_of(user, n) == bucket;
+    let in_stream = store.bucket_stream_orders(p.id, bucket).await?;
     let mut tx = orders::snapshot(db).await?;
     let ids: Vec<&str> = in_stream.iter().map(|m| m.order_id.as_str()).collect();
     let persisted = orders::existing(&mut tx, &ids).await?;
@@ -317,7 +343,7 @@ async fn rebuild(
     let mut buyers = orders::buyer_totals(&mut tx, p.id).try_chunks(CHUNK);
     while let Some(chunk) = buyers.try_next().await.map_err(|e| e.1)? {
         let mut rows = Vec::with_capacity(chunk.len());
-        for b in chunk {
+        for b in chunk.into_iter().filter(|b| mine(b.user_id)) {
             sold += b.bought;
             let (mut bought, mut latest) = (b.bought, b.latest);
             if let Some((n, seq, id)) = extra.remove(&b.user_id) {
@@ -329,7 +355,7 @@ async fn rebuild(
             rows.push((b.user_id, bought, latest));
         }
         if !store
-            .refill(p.id, token, LOCK_TTL, Refill::Buyers(&rows))
+            .refill(p.id, bucket, token, LOCK_TTL, Refill::Buyers(&rows))
             .await?
         {
             return Ok(None);
@@ -342,7 +368,7 @@ async fn rebuild(
         .collect();
     for chunk in rest.chunks(CHUNK) {
         if !store
-            .refill(p.id, token, LOCK_TTL, Refill::Buyers(chunk))
+            .refill(p.id, bucket, token, LOCK_TTL, Refill::Buyers(chunk))
             .await?
         {
             return Ok(None);
@@ -351,7 +377,7 @@ async fn rebuild(
 
     for chunk in stream_only.chunks(CHUNK) {
         if !store
-            .refill(p.id, token, LOCK_TTL, Refill::Won(chunk))
+            .refill(p.id, bucket, token, LOCK_TTL, Refill::Won(chunk))
             .await?
         {
             return Ok(None);
@@ -359,8 +385,9 @@ async fn rebuild(
     }
     let mut owners = orders::order_owners(&mut tx, p.id).try_chunks(CHUNK);
     while let Some(chunk) = owners.try_next().await.map_err(|e| e.1)? {
+        let chunk: Vec<(String, i64)> = chunk.into_iter().filter(|(_, u)| mine(*u)).collect();
         if !store
-            .refill(p.id, token, LOCK_TTL, Refill::Won(&chunk))
+            .refill(p.id, bucket, token, LOCK_TTL, Refill::Won(&chunk))
             .await?
         {
             return Ok(None);
@@ -369,11 +396,16 @@ async fn rebuild(
     drop(owners);
 
     let mut returned = 0;
-    let mut cancelled = orders::cancelled_ids(&mut tx, p.id).try_chunks(CHUNK);
+    let mut cancelled = orders::cancelled_owners(&mut tx, p.id).try_chunks(CHUNK);
     while let Some(chunk) = cancelled.try_next().await.map_err(|e| e.1)? {
+        let chunk: Vec<String> = chunk
+            .into_iter()
+            .filter(|(_, u)| mine(*u))
+            .map(|(o, _)| o)
+            .collect();
         returned += chunk.len() as i64;
         if !store
-            .refill(p.id, token, LOCK_TTL, Refill::Returned(&chunk))
+            .refill(p.id, bucket, token, LOCK_TTL, Refill::Returned(&chunk))
             .await?
         {
             return Ok(None);
@@ -382,7 +414,10 @@ async fn rebuild(
     drop(cancelled);
     tx.rollback().await.context("failed to end the snapshot")?;
 
-    match store.recover(&p.meta(), sold, returned, token).await? {
+    match store
+        .recover(&p.meta(), bucket, sold, returned, token, moved)
+        .await?
+    {
         Recover::Rebuilt => Ok(Some(Counted { sold, returned })),
         Recover::StateExisted | Recover::LockLost => Ok(None),
     }
@@ -393,7 +428,7 @@ pub fn table(rows: &[Reconciliation]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "{:>10} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10} {:>10} {:>9} {:>10} {:>6}",
+        "{:>10} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10} {:>6}",
         "promotion",
         "stock",
         "remaining",
@@ -404,13 +439,14 @@ pub fn table(rows: &[Reconciliation]) -> String {
         "pending",
         "paid",
         "cancelled",
+        "in_transit",
         "drift"
     );
     for r in rows {
         let remaining = r.remaining.map_or("missing".to_string(), |v| v.to_string());
         let _ = writeln!(
             s,
-            "{:>10} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10} {:>10} {:>9} {:>10} {:>6}",
+            "{:>10} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10} {:>10} {:>9} {:>10} {:>10} {:>6}",
             r.promotion_id,
             r.stock,
             remaining,
@@ -421,6 +457,7 @@ pub fn table(rows: &[Reconciliation]) -> String {
             r.persisted - r.paid - r.cancelled,
             r.paid,
             r.cancelled,
+            r.in_transit,
             r.drift
         );
     }
