@@ -704,7 +704,7 @@ async fn purchase_of_a_malformed_or_unknown_promotion_is_400_or_404() {
 async fn unknown_paths_are_404_and_wrong_methods_are_405_with_allow() {
     let mut app = spawn_app().await;
     for path in [
-        "/",
+        "/index.html",
         "/admin",
         "/api",
         "/api/promotion",

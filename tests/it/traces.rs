@@ -400,7 +400,14 @@ async fn a_batch_call_links_to_every_buyer_of_the_batch() {
                 .cloned()
                 .collect();
             let linked: usize = scripts.iter().map(|s| s.links.len()).sum();
-            (linked >= buyers as usize).then_some(scripts)
+            // The request spans may come in a later export batch than
+            // the script calls that link to them: wait for those too.
+            let requests_in = scripts.iter().flat_map(|s| &s.links).all(|(t, id)| {
+                spans
+                    .iter()
+                    .any(|r| r.name == "request" && &r.trace_id == t && &r.span_id == id)
+            });
+            (linked >= buyers as usize && requests_in).then_some(scripts)
         })
         .await;
     let all_links: Vec<&(String, String)> = scripts.iter().flat_map(|s| &s.links).collect();
