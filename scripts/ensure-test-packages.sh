@@ -2,11 +2,13 @@
 # scripts/ensure-test-packages.sh — make sure the system packages the tests
 # use are installed: nginx and its Lua module for tests/it/nginx.rs (which
 # runs nginx with its own prefix and ports), and libfaketime for the test of
-# gateways with skewed clocks (tests/it/races.rs).
+# gateways with skewed clocks (tests/it/races.rs), and the `redis-server` and
+# `redis-cli` binaries the Redis Cluster tests start their nodes with
+# (tests/it/cluster_procs.rs), even when the shared Redis runs elsewhere.
 #
 # Idempotent and quiet: when they are present it prints nothing and exits 0.
 # Otherwise it installs the missing Debian packages (`nginx`,
-# `libnginx-mod-http-lua`, `libfaketime`) with apt-get (noninteractive,
+# `libnginx-mod-http-lua`, `libfaketime`, `redis-server`, `redis-tools`) with apt-get (noninteractive,
 # `apt-get update` once, output in $SECKILL_STATE_DIR/apt.log, shown only on
 # failure).
 #
@@ -26,6 +28,8 @@ NDK_MODULE=/usr/lib/nginx/modules/ndk_http_module.so
 packages=()
 [[ -x $NGINX && -f $LUA_MODULE && -f $NDK_MODULE ]] || packages+=(nginx libnginx-mod-http-lua)
 compgen -G '/usr/lib/*/faketime/libfaketime.so.1' >/dev/null || packages+=(libfaketime)
+command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || packages+=(redis-tools)
 if ((${#packages[@]} == 0)); then
 	exit 0
 fi

@@ -2,11 +2,13 @@
 //! PostgreSQL. Each test spawns its own gateway on port 0 with its own Redis
 //! key prefix and its own database, so tests run in parallel.
 
+mod cluster_procs;
 mod helpers;
 mod procs;
 
 mod accounts;
 mod admin;
+mod cluster;
 mod compose;
 mod copy;
 mod docs;
