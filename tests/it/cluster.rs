@@ -317,13 +317,14 @@ async fn scripts_load_on_every_primary_survive_script_flush_and_a_replayed_call_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "not yet green: confirmed orders are missing from PostgreSQL after the failover"]
 async fn with_wait_for_one_replica_every_200_survives_its_primary_killed_mid_sale() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-    const STOCK: i64 = 300;
-    const BUYERS: i64 = 3000;
+    // Batches answered 503 (no replica yet after the failover) still took
+    // their units: stock enough that the sale outlasts the failover.
+    const STOCK: i64 = 2000;
+    const BUYERS: i64 = 4000;
     let mut cluster = ClusterProc::start(3, 1).await;
     let mut settings = test_settings();
     settings.redis_url = cluster.url();
@@ -382,8 +383,12 @@ async fn with_wait_for_one_replica_every_200_survives_its_primary_killed_mid_sal
     // The sale goes on: 20 more buyers confirmed after the failover.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while confirmed_count.load(Ordering::SeqCst) < at_kill + 20 {
+        if sale.is_finished() {
+            let ended = sale.await.map(|(c, unavailable)| (c.len(), unavailable));
+            panic!("the sale ended before going on after the failover: {ended:?}");
+        }
         assert!(
-            tokio::time::Instant::now() < deadline && !sale.is_finished(),
+            tokio::time::Instant::now() < deadline,
             "the sale did not go on after the failover"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -392,9 +397,19 @@ async fn with_wait_for_one_replica_every_200_survives_its_primary_killed_mid_sal
     let (confirmed, unavailable) = sale.await.unwrap();
     let after = confirmed.len() - at_kill;
 
-    let want = confirmed.len() as i64;
-    let rows = app.wait_for_rows(id, want, Duration::from_secs(60)).await;
-    let persisted: HashSet<String> = order_ids(&app.db, id).await.into_iter().collect();
+    // PostgreSQL also gets orders answered 503 (their WAIT timed out while
+    // the new primary had no replica): wait for the confirmed ids, not a count.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let persisted = loop {
+        let persisted: HashSet<String> = order_ids(&app.db, id).await.into_iter().collect();
+        if confirmed.iter().all(|o| persisted.contains(o))
+            || tokio::time::Instant::now() >= deadline
+        {
+            break persisted;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let rows = persisted.len();
     let lost = confirmed.iter().filter(|o| !persisted.contains(*o)).count();
     println!(
         "failover with WAIT 1: confirmed {} ({at_kill} before the kill, {after} after), \
@@ -402,12 +417,50 @@ async fn with_wait_for_one_replica_every_200_survives_its_primary_killed_mid_sal
         confirmed.len(),
         persisted.len()
     );
+    if lost > 0 {
+        // Where the missing orders are: still in Redis (accepted, in the
+        // stream, pending) or gone with the dead primary.
+        let k = app.keys.promotion(id);
+        let mut conn = app.redis.clone();
+        let mut in_won = 0;
+        for o in confirmed.iter().filter(|o| !persisted.contains(*o)) {
+            let there: bool = redis::cmd("HEXISTS")
+                .arg(&k.won)
+                .arg(o)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            in_won += usize::from(there);
+        }
+        let len: i64 = redis::cmd("XLEN")
+            .arg(&k.orders)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let pending: redis::Value = redis::cmd("XPENDING")
+            .arg(&k.orders)
+            .arg(app.keys.consumer_group())
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        println!(
+            "missing orders: {in_won} of {lost} in the won hash; stream length {len}, pending {pending:?}"
+        );
+    }
     assert_eq!(lost, 0, "every 200 reaches PostgreSQL");
     assert!(
         persisted.len() as i64 <= STOCK,
         "no oversell: {}",
         persisted.len()
     );
+    // No unit sold twice: every order in PostgreSQL is counted as sold by
+    // the promoted replica, which never sold more than the stock.
     let stats = app.stats(id).await;
-    assert!(stats["sold"].as_i64().unwrap() <= STOCK, "{stats}");
+    let sold = stats["sold"].as_i64().unwrap();
+    assert!(sold <= STOCK, "{stats}");
+    assert!(
+        persisted.len() as i64 <= sold,
+        "PostgreSQL holds {} orders, Redis counts {sold} sold",
+        persisted.len()
+    );
 }
