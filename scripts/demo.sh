@@ -10,6 +10,14 @@
 #   5. wait for the server in the foreground; Ctrl-C (or TERM/HUP) is passed on
 #      as SIGTERM so it shuts down gracefully; exits with the server's status.
 #
+#   scripts/demo.sh --cluster   the same on a local Redis Cluster: three
+#      primaries (redis-server --cluster-enabled yes, daemonized, on loopback
+#      ports SECKILL_DEMO_CLUSTER_PORT..+2, files under
+#      $SECKILL_STATE_DIR/cluster), joined with redis-cli --cluster create
+#      unless they already form a cluster; SECKILL_REDIS_URL lists the three.
+#      The nodes keep running after the demo, as deps.sh's Redis does; stop
+#      them with `redis-cli -p PORT shutdown nosave` for each port.
+#
 # Environment (defaults in brackets; all passed on to the server):
 #   SECKILL_LISTEN        [127.0.0.1:8080]  must be a fixed port
 #   SECKILL_REDIS_URL     [redis://127.0.0.1:6379]
@@ -17,6 +25,7 @@
 #   SECKILL_ADMIN_TOKEN   [demo-admin-token]
 #   SECKILL_JWT_SECRET    [demo-jwt-secret]
 #   SECKILL_DEMO_USER     [42] user id of the printed token
+#   SECKILL_DEMO_CLUSTER_PORT [7000] first port of the --cluster nodes
 
 # shellcheck disable=SC2317 # functions below are run by traps
 set -euo pipefail
@@ -30,6 +39,15 @@ export SECKILL_JWT_SECRET=${SECKILL_JWT_SECRET:-demo-jwt-secret}
 # Real secrets make logs JSON by default; a demo is read by a person.
 export SECKILL_LOG_FORMAT=${SECKILL_LOG_FORMAT:-text}
 demo_user=${SECKILL_DEMO_USER:-42}
+cluster=0
+case ${1:-} in
+--cluster) cluster=1 ;;
+"") ;;
+*)
+	printf 'usage: scripts/demo.sh [--cluster]\n' >&2
+	exit 2
+	;;
+esac
 base_url=http://$SECKILL_LISTEN
 
 log() { printf 'demo: %s\n' "$*"; }
@@ -46,6 +64,48 @@ sq() { printf "'%s'" "${1//\'/\'\\\'\'}"; }
 
 # deps.sh takes the PostgreSQL host/port from SECKILL_DATABASE_URL.
 env -u SECKILL_PG_HOST -u SECKILL_PG_PORT scripts/deps.sh
+
+# A local Redis Cluster of three primaries, for --cluster.
+start_cluster() {
+	local first=${SECKILL_DEMO_CLUSTER_PORT:-7000} dir port i addrs=() urls=()
+	dir=${SECKILL_STATE_DIR:-${HOME:-/tmp}/.local/state/seckill}/cluster
+	command -v redis-cli >/dev/null 2>&1 || die "redis-cli is needed for --cluster (apt-get install redis-tools)"
+	mkdir -p "$dir"
+	for port in "$first" $((first + 1)) $((first + 2)); do
+		addrs+=("127.0.0.1:$port")
+		urls+=("redis://127.0.0.1:$port")
+		redis-cli -p "$port" PING >/dev/null 2>&1 && continue
+		log "starting cluster node 127.0.0.1:$port (files in $dir)"
+		redis-server --port "$port" --bind 127.0.0.1 --cluster-enabled yes \
+			--cluster-config-file "nodes-$port.conf" --cluster-node-timeout 2000 \
+			--appendonly yes --appendfsync everysec --dir "$dir" \
+			--daemonize yes --logfile "$dir/$port.log" >/dev/null
+		for ((i = 0; i < 50; i++)); do
+			redis-cli -p "$port" PING >/dev/null 2>&1 && break
+			sleep 0.1
+		done
+	done
+	if ! redis-cli -p "$first" CLUSTER INFO | grep -q 'cluster_state:ok'; then
+		if [[ $(redis-cli -p "$first" CLUSTER INFO | awk -F: '/cluster_known_nodes/ { print $2 + 0 }') -le 1 ]]; then
+			log "joining ${addrs[*]} into a cluster"
+			redis-cli --cluster create "${addrs[@]}" --cluster-yes >"$dir/create.log" 2>&1 ||
+				die "redis-cli --cluster create failed (log: $dir/create.log)"
+		fi
+		for ((i = 0; i < 100; i++)); do
+			redis-cli -p "$first" CLUSTER INFO | grep -q 'cluster_state:ok' && break
+			sleep 0.2
+		done
+		redis-cli -p "$first" CLUSTER INFO | grep -q 'cluster_state:ok' ||
+			die "the cluster on ${addrs[*]} is not ok (redis-cli -p $first cluster info)"
+	fi
+	SECKILL_REDIS_URL=$(
+		IFS=,
+		echo "${urls[*]}"
+	)
+	export SECKILL_REDIS_URL
+	log "Redis Cluster: $SECKILL_REDIS_URL"
+}
+((cluster)) && start_cluster
 
 # psql may live only in /usr/lib/postgresql/VER/bin.
 pg_bin=

@@ -2,12 +2,16 @@
 # scripts/ensure-test-packages.sh — make sure the system packages the tests
 # use are installed: nginx and its Lua module for tests/it/nginx.rs (which
 # runs nginx with its own prefix and ports), libfaketime for the test of
-# gateways with skewed clocks (tests/it/races.rs), and headless Chromium
-# with its WebDriver for the browser tests (tests/it/browser.rs).
+# gateways with skewed clocks (tests/it/races.rs), headless Chromium with its
+# WebDriver for the browser tests (tests/it/browser.rs), and the
+# `redis-server` and `redis-cli` binaries the Redis Cluster tests start their
+# nodes with (tests/it/cluster_procs.rs), even when the shared Redis runs
+# elsewhere.
 #
 # Idempotent and quiet: when they are present it prints nothing and exits 0.
 # Otherwise it installs the missing Debian packages (`nginx`,
-# `libnginx-mod-http-lua`, `libfaketime`, `chromium`, `chromium-driver`) with apt-get (noninteractive,
+# `libnginx-mod-http-lua`, `libfaketime`, `chromium`, `chromium-driver`,
+# `redis-server`, `redis-tools`) with apt-get (noninteractive,
 # `apt-get update` once, output in $SECKILL_STATE_DIR/apt.log, shown only on
 # failure).
 #
@@ -30,6 +34,8 @@ packages=()
 [[ -x $NGINX && -f $LUA_MODULE && -f $NDK_MODULE ]] || packages+=(nginx libnginx-mod-http-lua)
 compgen -G '/usr/lib/*/faketime/libfaketime.so.1' >/dev/null || packages+=(libfaketime)
 [[ -x $CHROMIUM && -x $CHROMEDRIVER ]] || packages+=(chromium chromium-driver)
+command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || packages+=(redis-tools)
 if ((${#packages[@]} == 0)); then
 	exit 0
 fi

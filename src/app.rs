@@ -71,7 +71,8 @@ impl App {
             Keys::new(settings.key_prefix.clone()),
             ConnectOptions::commands(settings.redis_timeout),
         )
-        .await?;
+        .await?
+        .with_wait(settings.redis_wait_replicas, settings.redis_wait_timeout);
         store.load_scripts().await?;
         // Redis may have lost promotions while we were down: rebuild them
         // before taking traffic.

@@ -212,6 +212,18 @@ const DEFAULT_BODY_TIMEOUT_MS: u64 = 5000;
 const ENV_REDIS_TIMEOUT_MS: &str = "SECKILL_REDIS_TIMEOUT_MS";
 const DEFAULT_REDIS_TIMEOUT_MS: u64 = 500;
 
+/// Replicas a purchase's write must reach (`WAIT`) before its `200`: 0
+/// answers after the primary alone (fastest; a failover may lose the last
+/// writes); 1 or more means a confirmed order survives a failover.
+const ENV_REDIS_WAIT_REPLICAS: &str = "SECKILL_REDIS_WAIT_REPLICAS";
+const DEFAULT_REDIS_WAIT_REPLICAS: u32 = 0;
+
+/// How long a batch waits for its replicas; past it the batch answers 503.
+/// On loopback or one rack a replica acknowledges in about a millisecond,
+/// so 100 ms is a replica in trouble; it must stay below the Redis timeout.
+const ENV_REDIS_WAIT_TIMEOUT_MS: &str = "SECKILL_REDIS_WAIT_TIMEOUT_MS";
+const DEFAULT_REDIS_WAIT_TIMEOUT_MS: u64 = 100;
+
 /// On SIGTERM, in-flight requests get this long to finish before the process
 /// exits anyway.
 const ENV_SHUTDOWN_GRACE_MS: &str = "SECKILL_SHUTDOWN_GRACE_MS";
@@ -304,6 +316,8 @@ pub struct Settings {
     pub body_timeout: Duration,
     pub shutdown_grace: Duration,
     pub redis_timeout: Duration,
+    pub redis_wait_replicas: u32,
+    pub redis_wait_timeout: Duration,
     pub log_format: LogFormat,
     pub lua_dir: Option<std::path::PathBuf>,
     pub otlp: OtlpSettings,
@@ -542,6 +556,8 @@ impl Settings {
             body_timeout: r.millis(ENV_BODY_TIMEOUT_MS, DEFAULT_BODY_TIMEOUT_MS),
             shutdown_grace: r.millis(ENV_SHUTDOWN_GRACE_MS, DEFAULT_SHUTDOWN_GRACE_MS),
             redis_timeout: r.millis(ENV_REDIS_TIMEOUT_MS, DEFAULT_REDIS_TIMEOUT_MS),
+            redis_wait_replicas: r.parse(ENV_REDIS_WAIT_REPLICAS, DEFAULT_REDIS_WAIT_REPLICAS),
+            redis_wait_timeout: r.millis(ENV_REDIS_WAIT_TIMEOUT_MS, DEFAULT_REDIS_WAIT_TIMEOUT_MS),
             log_format: LogFormat::Text,
             lua_dir: r.optional(ENV_LUA_DIR).map(std::path::PathBuf::from),
             otlp: OtlpSettings {
@@ -627,7 +643,16 @@ impl Settings {
             ENV_BACKGROUND_NICE,
             &format!("must be from 0 to {MAX_BACKGROUND_NICE}"),
         );
+        r.check(
+            self.redis_wait_replicas == 0 || self.redis_wait_timeout < self.redis_timeout,
+            ENV_REDIS_WAIT_TIMEOUT_MS,
+            &format!("must be below {ENV_REDIS_TIMEOUT_MS} when {ENV_REDIS_WAIT_REPLICAS} is set"),
+        );
         for (ok, name) in [
+            (
+                !self.redis_wait_timeout.is_zero(),
+                ENV_REDIS_WAIT_TIMEOUT_MS,
+            ),
             (!self.sweep_interval.is_zero(), ENV_SWEEP_INTERVAL_MS),
             (
                 !self.reconcile_interval.is_zero(),

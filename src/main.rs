@@ -74,7 +74,12 @@ enum Command {
         header: bool,
     },
     /// Print each Lua script's name, SHA and KEYS/ARGV contract.
-    Scripts,
+    Scripts {
+        /// Also load every script into Redis (`SCRIPT LOAD`; on a cluster,
+        /// on every primary).
+        #[arg(long)]
+        load: bool,
+    },
     /// Manage buyer accounts.
     User {
         #[command(subcommand)]
@@ -199,7 +204,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             println!("{id}");
         }
-        Command::Scripts => {
+        Command::Scripts { load } => {
             if let Some(dir) = &settings.lua_dir {
                 seckill::stock::lua::use_dir(dir)?;
             }
@@ -211,6 +216,16 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<ExitCode> {
                     lua.origin
                 );
                 println!("{}\n", lua.contract());
+            }
+            if load {
+                let store = Store::connect(
+                    &settings.redis_url,
+                    Keys::new(settings.key_prefix.clone()),
+                    ConnectOptions::commands(OPS_REDIS_TIMEOUT),
+                )
+                .await?;
+                store.load_scripts().await?;
+                println!("loaded into redis");
             }
         }
         Command::Reconcile { promotion } => {

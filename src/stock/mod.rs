@@ -9,11 +9,13 @@
 pub mod buckets;
 pub mod clock;
 pub mod coalesce;
+pub mod connection;
 pub mod keys;
 pub mod lua;
 pub mod message;
 pub mod store;
 
+pub use connection::RedisConn;
 pub use keys::Keys;
 pub use message::{Entry, OrderMessage};
 pub use store::{

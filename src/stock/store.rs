@@ -7,10 +7,13 @@
 //! own, because `XREADGROUP … BLOCK` holds its connection, with a reply
 //! timeout longer than the block. [`connect`] builds both kinds.
 //!
-//! This is the seam a Redis Cluster client plugs into: every command of one
-//! promotion touches keys of one hash tag (see [`Keys`]), and the few that
-//! span promotions (the live set, `MGET` of stock keys, reading several
-//! streams) are here and nowhere else.
+//! The connection is a [`RedisConn`]: one standalone server, or a Redis
+//! Cluster when `SECKILL_REDIS_URL` lists several seed nodes. Every command
+//! of one promotion touches keys of one hash tag (see [`Keys`]); the few that
+//! span promotions (the live set, stock of several promotions, reading
+//! several streams, acknowledging entries of several streams) are here and
+//! nowhere else, and on a cluster they are split so that no command and no
+//! pipeline crosses a slot.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -18,6 +21,8 @@ use std::time::Duration;
 use anyhow::Context;
 use futures_util::{Stream, StreamExt};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::streams::{
     StreamAutoClaimOptions, StreamAutoClaimReply, StreamInfoConsumersReply, StreamPendingReply,
     StreamRangeReply, StreamReadOptions,
@@ -27,6 +32,7 @@ use redis::{
 };
 
 use super::buckets::{self, MAX_BUCKETS};
+use super::connection::{RedisConn, seeds};
 use super::keys::{Keys, PromotionKeys};
 use super::lua::{self, Name, codes, script};
 use super::message::{Entry, OrderMessage, ReadReply};
@@ -48,6 +54,20 @@ pub struct ConnectOptions {
     pub retries: usize,
     /// Longest wait between reconnection attempts.
     pub max_delay: Duration,
+    /// Cluster mode: attempts after a failed try (a `MOVED`/`ASK` redirect,
+    /// a dropped connection, a node being failed over) before a command
+    /// fails; each waits between `min_retry_wait` and `max_delay`.
+    pub cluster_retries: u32,
+    /// Cluster mode: shortest wait between two attempts.
+    pub min_retry_wait: Duration,
+    /// Cluster mode: the bound on a whole command, retries and redirects
+    /// included (each attempt is bounded by `response_timeout`).
+    pub overall_timeout: Duration,
+    /// Cluster mode: failed reconnections to a node before the client drops
+    /// it and refreshes its slot map. Without a bound (the library's
+    /// default) the client keeps reconnecting to a primary that died and
+    /// never learns that its replica took over.
+    pub max_connection_attempts: usize,
 }
 
 impl ConnectOptions {
@@ -59,6 +79,13 @@ impl ConnectOptions {
             connection_timeout: Duration::from_secs(1),
             retries: 1,
             max_delay: Duration::from_millis(500),
+            // A failover moves a slot within the cluster's node timeout
+            // (seconds); a purchase waits for a couple of redirects, no more:
+            // past the overall bound the buyer gets a prompt `503`.
+            cluster_retries: 3,
+            min_retry_wait: Duration::from_millis(20),
+            overall_timeout: response_timeout * 2,
+            max_connection_attempts: 3,
         }
     }
 
@@ -69,21 +96,52 @@ impl ConnectOptions {
             connection_timeout: Duration::from_secs(2),
             retries: 2,
             max_delay: Duration::from_secs(2),
+            // A worker outlives a failover: it retries long enough for the
+            // replica's promotion, then its loop backs off and tries again.
+            cluster_retries: 6,
+            min_retry_wait: Duration::from_millis(100),
+            overall_timeout: block + Duration::from_secs(10),
+            max_connection_attempts: 3,
         }
     }
 }
 
-/// A multiplexed connection to `url`.
-pub async fn connect(url: &str, options: ConnectOptions) -> anyhow::Result<ConnectionManager> {
+/// The one connection builder: a multiplexed connection to `url` (one URL),
+/// or a cluster connection when `url` lists several comma-separated seed
+/// nodes. The cluster client's retries, timeouts and retry waits come from
+/// `options`, never from the library's defaults.
+pub async fn connect(url: &str, options: ConnectOptions) -> anyhow::Result<RedisConn> {
+    let nodes = seeds(url);
+    if nodes.len() > 1 {
+        let client = ClusterClientBuilder::new(nodes)
+            .retries(options.cluster_retries)
+            .min_retry_wait(options.min_retry_wait.as_millis() as u64)
+            .max_retry_wait(options.max_delay.as_millis() as u64)
+            .connection_timeout(options.connection_timeout)
+            .response_timeout(options.response_timeout)
+            .overall_response_timeout(Some(options.overall_timeout))
+            .max_connection_attempts(
+                std::num::NonZeroUsize::new(options.max_connection_attempts.max(1))
+                    .expect("at least 1"),
+            )
+            .build()
+            .context("invalid redis cluster seed urls")?;
+        let conn = client
+            .get_async_connection()
+            .await
+            .context("failed to connect to the redis cluster")?;
+        return Ok(RedisConn::Cluster(conn));
+    }
     let client = redis::Client::open(url).context("invalid redis url")?;
     let config = ConnectionManagerConfig::new()
         .set_response_timeout(Some(options.response_timeout))
         .set_connection_timeout(Some(options.connection_timeout))
         .set_number_of_retries(options.retries)
         .set_max_delay(options.max_delay);
-    ConnectionManager::new_with_config(client, config)
+    let conn = ConnectionManager::new_with_config(client, config)
         .await
-        .context("failed to connect to redis")
+        .context("failed to connect to redis")?;
+    Ok(RedisConn::Single(conn))
 }
 
 /// What the purchase script decided for one buyer. These are business
@@ -210,16 +268,36 @@ fn unexpected(what: &'static str, detail: impl ToString) -> RedisError {
     RedisError::from((ErrorKind::UnexpectedReturnType, what, detail.to_string()))
 }
 
+/// How many replicas a purchase's write must reach before it is answered
+/// (`SECKILL_REDIS_WAIT_REPLICAS`), and for how long to wait for them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WaitFor {
+    pub replicas: u32,
+    pub timeout: Duration,
+}
+
 /// The Redis side of the system: one connection and the key names.
 #[derive(Clone)]
 pub struct Store {
-    conn: ConnectionManager,
+    conn: RedisConn,
     keys: Keys,
+    wait: Option<WaitFor>,
 }
 
 impl Store {
-    pub fn new(conn: ConnectionManager, keys: Keys) -> Self {
-        Store { conn, keys }
+    pub fn new(conn: impl Into<RedisConn>, keys: Keys) -> Self {
+        Store {
+            conn: conn.into(),
+            keys,
+            wait: None,
+        }
+    }
+
+    /// This store's purchases answer only once `replicas` replicas hold
+    /// their write (`WAIT`), or fail after `timeout`; 0 replicas: no wait.
+    pub fn with_wait(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.wait = (replicas > 0).then_some(WaitFor { replicas, timeout });
+        self
     }
 
     /// A store on a connection of its own.
@@ -231,8 +309,13 @@ impl Store {
         &self.keys
     }
 
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> RedisConn {
         self.conn.clone()
+    }
+
+    /// Whether the store talks to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.conn.is_cluster()
     }
 
     /// `PING`: whether Redis answers.
@@ -308,6 +391,11 @@ impl Store {
                 format!("{} for {} buyers", replies.len(), buyers.len()),
             ));
         }
+        if let Some(wait) = self.wait
+            && replies.contains(&codes::purchase::BOUGHT)
+        {
+            self.wait_for_replicas(&k.meta, wait).await?;
+        }
         replies
             .into_iter()
             .zip(buyers)
@@ -328,6 +416,39 @@ impl Store {
                 })
             })
             .collect()
+    }
+
+    /// `WAIT replicas timeout` on the primary of `key`'s slot (on a cluster
+    /// the command is routed there; standalone, it goes on the one
+    /// connection), so it covers the writes this connection sent to that
+    /// node, the purchase script's among them. Fewer replicas than asked
+    /// within the timeout is an error: the caller answers `503`, though the
+    /// write stands on the primary (its order is persisted if it survives).
+    async fn wait_for_replicas(&self, key: &str, wait: WaitFor) -> RedisResult<()> {
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(wait.replicas).arg(wait.timeout.as_millis() as u64);
+        let acked: i64 = match self.conn() {
+            RedisConn::Single(mut c) => cmd.query_async(&mut c).await?,
+            RedisConn::Cluster(mut c) => {
+                let route = Route::with_key(key, SlotAddr::Master);
+                let value = c
+                    .route_command(
+                        cmd,
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
+                    )
+                    .await?;
+                redis::from_redis_value(value)
+                    .map_err(|e| unexpected("WAIT returned a non-integer", e))?
+            }
+        };
+        if acked < i64::from(wait.replicas) {
+            return Err(RedisError::from((
+                ErrorKind::Io,
+                "the purchase reached fewer replicas than SECKILL_REDIS_WAIT_REPLICAS in time",
+                format!("{acked} of {} within {:?}", wait.replicas, wait.timeout),
+            )));
+        }
+        Ok(())
     }
 
     /// The keys and arguments preheat.lua and recover.lua share: KEYS meta,
@@ -753,14 +874,33 @@ impl Store {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for id in ids {
-            let k = self.keys.promotion(*id);
-            pipe.get(&k.stock).hget(&k.meta, "buckets");
-        }
-        let replies: Vec<(Option<i64>, Option<u32>)> = pipe.query_async(&mut self.conn()).await?;
+        // The first bucket's stock and the bucket count of each promotion:
+        // one pipeline on a single node; on a cluster one pipeline per
+        // promotion (one slot each), all in flight at once.
+        let firsts: Vec<(Option<i64>, Option<u32>)> = if self.is_cluster() {
+            let conn = self.conn();
+            let reads = ids.iter().map(|id| {
+                let mut conn = conn.clone();
+                let k = self.keys.promotion(*id);
+                async move {
+                    redis::pipe()
+                        .get(&k.stock)
+                        .hget(&k.meta, "buckets")
+                        .query_async::<(Option<i64>, Option<u32>)>(&mut conn)
+                        .await
+                }
+            });
+            futures_util::future::try_join_all(reads).await?
+        } else {
+            let mut pipe = redis::pipe();
+            for id in ids {
+                let k = self.keys.promotion(*id);
+                pipe.get(&k.stock).hget(&k.meta, "buckets");
+            }
+            pipe.query_async(&mut self.conn()).await?
+        };
         let mut out = Vec::with_capacity(ids.len());
-        for (id, (first, n)) in ids.iter().zip(replies) {
+        for (id, (first, n)) in ids.iter().zip(firsts) {
             let n = n.unwrap_or(1).clamp(1, MAX_BUCKETS);
             if n == 1 || first.is_none() {
                 out.push(first);
@@ -805,13 +945,27 @@ impl Store {
                 k.received,
             ]
         };
-        redis::pipe()
-            .atomic()
-            .srem(self.keys.live_promotions(), id)
-            .del(&keys_of(self.keys.promotion(id)))
-            .exec_async(&mut self.conn())
-            .await
-            .with_context(|| format!("failed to remove promotion {id} from redis"))?;
+        if self.is_cluster() {
+            // The live set has a slot of its own: first out of it (the
+            // workers stop reading the stream), then each bucket's keys, one
+            // slot each, in one `DEL` (atomic by itself).
+            self.remove_live(id)
+                .await
+                .with_context(|| format!("failed to remove promotion {id} from redis"))?;
+            let _: () = self
+                .conn()
+                .del(&keys_of(self.keys.promotion(id)))
+                .await
+                .with_context(|| format!("failed to remove promotion {id} from redis"))?;
+        } else {
+            redis::pipe()
+                .atomic()
+                .srem(self.keys.live_promotions(), id)
+                .del(&keys_of(self.keys.promotion(id)))
+                .exec_async(&mut self.conn())
+                .await
+                .with_context(|| format!("failed to remove promotion {id} from redis"))?;
+        }
         for bucket in 1..buckets.clamp(1, MAX_BUCKETS) {
             let _: () = self
                 .conn()
@@ -850,20 +1004,37 @@ impl Store {
         if live.is_empty() {
             return Ok(false);
         }
-        let mut pipe = redis::pipe();
-        for id in &live {
-            pipe.hget(self.keys.promotion(*id).meta, "buckets");
-        }
-        let counts: Vec<Option<u32>> = pipe.query_async(&mut self.conn()).await?;
-        let mut pipe = redis::pipe();
-        for (id, n) in live.iter().zip(counts) {
-            let n = n.unwrap_or(1).clamp(1, MAX_BUCKETS);
-            pipe.hget(
-                self.keys.bucket(*id, buckets::bucket_of(user_id, n)).won,
-                order_id,
-            );
-        }
-        let owners: Vec<Option<i64>> = pipe.query_async(&mut self.conn()).await?;
+        let owners: Vec<Option<i64>> = if self.is_cluster() {
+            // Per promotion, each on its own slot: its bucket count, then
+            // the `won` hash of the buyer's bucket.
+            let conn = self.conn();
+            let gets = live.iter().map(|id| {
+                let mut conn = conn.clone();
+                let meta = self.keys.promotion(*id).meta;
+                async move {
+                    let n: Option<u32> = conn.hget(meta, "buckets").await?;
+                    let n = n.unwrap_or(1).clamp(1, MAX_BUCKETS);
+                    let won = self.keys.bucket(*id, buckets::bucket_of(user_id, n)).won;
+                    conn.hget::<_, _, Option<i64>>(won, order_id).await
+                }
+            });
+            futures_util::future::try_join_all(gets).await?
+        } else {
+            let mut pipe = redis::pipe();
+            for id in &live {
+                pipe.hget(self.keys.promotion(*id).meta, "buckets");
+            }
+            let counts: Vec<Option<u32>> = pipe.query_async(&mut self.conn()).await?;
+            let mut pipe = redis::pipe();
+            for (id, n) in live.iter().zip(counts) {
+                let n = n.unwrap_or(1).clamp(1, MAX_BUCKETS);
+                pipe.hget(
+                    self.keys.bucket(*id, buckets::bucket_of(user_id, n)).won,
+                    order_id,
+                );
+            }
+            pipe.query_async(&mut self.conn()).await?
+        };
         Ok(owners.contains(&Some(user_id)))
     }
 
@@ -968,6 +1139,12 @@ impl Store {
     /// returned: once read, they are pending with this consumer. `Ok(None)`
     /// when a stream has no consumer group (Redis lost it): call
     /// [`Store::create_groups`].
+    ///
+    /// On a cluster one `XREADGROUP` cannot span slots: each stream is read
+    /// by a call of its own. With one stream the call blocks; with several
+    /// the calls do not block (a blocked call would hold up the others on
+    /// its node's connection) and run at once, and when none finds anything
+    /// the read waits [`CLUSTER_POLL`] (at most `block`) before answering.
     pub async fn read_new(
         &self,
         consumer: &str,
@@ -975,10 +1152,44 @@ impl Store {
         count: usize,
         block: Duration,
     ) -> anyhow::Result<Option<Vec<Entry>>> {
-        let options = StreamReadOptions::default()
+        if !self.is_cluster() || streams.len() <= 1 {
+            return self.read_group(consumer, streams, count, Some(block)).await;
+        }
+        let reads = streams
+            .iter()
+            .map(|s| self.read_group(consumer, std::slice::from_ref(s), count, None));
+        let mut out = Vec::new();
+        let mut lost_group = false;
+        for read in futures_util::future::join_all(reads).await {
+            match read? {
+                Some(entries) => out.extend(entries),
+                None => lost_group = true,
+            }
+        }
+        if lost_group && out.is_empty() {
+            return Ok(None);
+        }
+        if out.is_empty() {
+            tokio::time::sleep(CLUSTER_POLL.min(block)).await;
+        }
+        Ok(Some(out))
+    }
+
+    /// One `XREADGROUP` over `streams` (one slot on a cluster), blocking up
+    /// to `block` when given.
+    async fn read_group(
+        &self,
+        consumer: &str,
+        streams: &[String],
+        count: usize,
+        block: Option<Duration>,
+    ) -> anyhow::Result<Option<Vec<Entry>>> {
+        let mut options = StreamReadOptions::default()
             .group(self.keys.consumer_group(), consumer)
-            .count(count)
-            .block(block.as_millis() as usize);
+            .count(count);
+        if let Some(block) = block {
+            options = options.block(block.as_millis() as usize);
+        }
         let ids = vec![">"; streams.len()];
         let reply: ReadReply = match self.conn().xread_options(streams, &ids, &options).await {
             Ok(r) => r,
@@ -1037,20 +1248,44 @@ impl Store {
 
     /// Acknowledges and deletes `entries`, in one round trip; the entries of
     /// `dead` (with why) are copied to the dead-letter stream first.
+    ///
+    /// On a cluster the streams and the dead-letter stream are on different
+    /// slots: the dead letters are written first, then each stream's entries
+    /// are acknowledged and deleted in a `MULTI` of its own (a crash in
+    /// between leaves them pending, to be claimed and written again: at
+    /// least once, as everywhere).
     pub async fn ack(&self, entries: &[Entry], dead: &[(&Entry, &str)]) -> RedisResult<()> {
         let mut by_stream: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         for e in entries {
             by_stream.entry(&e.stream).or_default().push(&e.id);
         }
+        if self.is_cluster() {
+            let mut conn = self.conn();
+            for (e, reason) in dead {
+                let _: String = conn
+                    .xadd(self.keys.dead_letters(), "*", &dead_letter(e, reason))
+                    .await?;
+            }
+            let acks = by_stream.iter().map(|(stream, ids)| {
+                let mut conn = self.conn();
+                async move {
+                    redis::pipe()
+                        .atomic()
+                        .xack(*stream, self.keys.consumer_group(), ids)
+                        .ignore()
+                        .xdel(*stream, ids)
+                        .ignore()
+                        .exec_async(&mut conn)
+                        .await
+                }
+            });
+            futures_util::future::try_join_all(acks).await?;
+            return Ok(());
+        }
         let mut pipe = redis::pipe();
         for (e, reason) in dead {
-            let mut fields = vec![
-                ("stream".to_string(), e.stream.clone()),
-                ("id".to_string(), e.id.clone()),
-                ("reason".to_string(), reason.to_string()),
-            ];
-            fields.extend(e.fields());
-            pipe.xadd(self.keys.dead_letters(), "*", &fields).ignore();
+            pipe.xadd(self.keys.dead_letters(), "*", &dead_letter(e, reason))
+                .ignore();
         }
         for (stream, ids) in &by_stream {
             pipe.atomic()
@@ -1126,14 +1361,52 @@ impl Store {
     }
 }
 
+/// The fields of a dead letter: where the entry was, why, and its fields.
+fn dead_letter(e: &Entry, reason: &str) -> Vec<(String, String)> {
+    let mut fields = vec![
+        ("stream".to_string(), e.stream.clone()),
+        ("id".to_string(), e.id.clone()),
+        ("reason".to_string(), reason.to_string()),
+    ];
+    fields.extend(e.fields());
+    fields
+}
+
+/// How long a cluster worker waits when none of its streams had anything
+/// (its reads of several streams do not block; see [`Store::read_new`]).
+pub const CLUSTER_POLL: Duration = Duration::from_millis(50);
+
 /// The promotion ids published on the invalidation channel, from a
 /// subscription of its own, until the connection drops.
+///
+/// On a cluster, a `PUBLISH` on any node reaches the subscribers of every
+/// node (the cluster bus carries it), so one subscription to one node hears
+/// them all, whatever the slots do (resharding moves keys, not channels).
+/// The seeds are tried in turn: a node that is down or gone is skipped, and
+/// the caller subscribes again when the connection drops.
 pub async fn subscribe_changes(
     redis_url: &str,
     keys: &Keys,
 ) -> RedisResult<impl Stream<Item = RedisResult<i64>> + use<>> {
-    let client = redis::Client::open(redis_url)?;
-    let mut pubsub = client.get_async_pubsub().await?;
-    pubsub.subscribe(keys.events()).await?;
-    Ok(pubsub.into_on_message().map(|msg| msg.get_payload::<i64>()))
+    let mut last_error = None;
+    for seed in seeds(redis_url) {
+        let subscribed = async {
+            let client = redis::Client::open(seed)?;
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(keys.events()).await?;
+            Ok::<_, RedisError>(pubsub)
+        };
+        match subscribed.await {
+            Ok(pubsub) => {
+                return Ok(pubsub.into_on_message().map(|msg| msg.get_payload::<i64>()));
+            }
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| {
+        RedisError::from((
+            ErrorKind::InvalidClientConfig,
+            "no redis url to subscribe to",
+        ))
+    }))
 }

@@ -2,6 +2,7 @@
 //! PostgreSQL. Each test spawns its own gateway on port 0 with its own Redis
 //! key prefix and its own database, so tests run in parallel.
 
+mod cluster_procs;
 mod helpers;
 mod procs;
 
@@ -9,6 +10,7 @@ mod accounts;
 mod admin;
 mod browser;
 mod buckets;
+mod cluster;
 mod compose;
 mod copy;
 mod docs;

@@ -1,0 +1,331 @@
+//! A private Redis Cluster for a test: `redis-server --cluster-enabled yes`
+//! on spare loopback ports, joined by `redis-cli --cluster create`, ready
+//! once every node reports `cluster_state:ok`. Dropping it kills the nodes
+//! and deletes their directory (their `nodes-P.conf` included).
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::procs::spare_port;
+
+/// One node of the cluster.
+pub struct Node {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+/// Starts `redis-server` as cluster node `port`, its files in `dir`.
+fn spawn_node(port: u16, dir: &std::path::Path) -> Child {
+    Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--cluster-enabled", "yes"])
+        .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+        .args(["--cluster-node-timeout", "1000"])
+        // A replica may be promoted however far behind it is: the
+        // failover test kills its primary on purpose.
+        .args(["--cluster-replica-validity-factor", "0"])
+        .args(["--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server starts (is it installed?)")
+}
+
+impl Node {
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A plain connection to this node alone (no redirects followed).
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("the node answers")
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Starts it again with its node file: a primary that was failed over
+    /// rejoins as a replica of the node that took its place.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.child = Some(spawn_node(self.port, &self.dir));
+    }
+
+    /// `kill -9`.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A running cluster.
+pub struct ClusterProc {
+    pub nodes: Vec<Node>,
+    dir: PathBuf,
+}
+
+/// A port whose cluster bus port (+10000) is free too.
+fn cluster_port() -> u16 {
+    loop {
+        let port = spare_port();
+        if port < 55000 && std::net::TcpListener::bind(("127.0.0.1", port + 10000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+impl ClusterProc {
+    /// Starts `primaries` primaries with `replicas` replicas each.
+    pub async fn start(primaries: usize, replicas: usize) -> ClusterProc {
+        let dir = std::env::temp_dir().join(format!(
+            "seckill-it-cluster-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut nodes = Vec::new();
+        for _ in 0..primaries * (1 + replicas) {
+            let port = cluster_port();
+            let child = spawn_node(port, &dir);
+            nodes.push(Node {
+                port,
+                dir: dir.clone(),
+                child: Some(child),
+            });
+        }
+        let cluster = ClusterProc { nodes, dir };
+        for n in &cluster.nodes {
+            cluster.wait_ping(n.port).await;
+        }
+        let addrs: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .output()
+            .expect("redis-cli runs (is it installed?)");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        cluster.wait_ok().await;
+        cluster
+    }
+
+    async fn wait_ping(&self, port: u16) {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
+        for _ in 0..400 {
+            if let Ok(mut c) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .is_ok()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("cluster node {port} never answered PING");
+    }
+
+    /// Waits until every running node reports `cluster_state:ok` and agrees
+    /// on the primaries.
+    pub async fn wait_ok(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut ok = true;
+            for n in self.nodes.iter().filter(|n| n.is_running()) {
+                let info: String = match redis::Client::open(n.url())
+                    .unwrap()
+                    .get_multiplexed_async_connection()
+                    .await
+                {
+                    Ok(mut c) => redis::cmd("CLUSTER")
+                        .arg("INFO")
+                        .query_async(&mut c)
+                        .await
+                        .unwrap_or_default(),
+                    Err(_) => String::new(),
+                };
+                if !info.contains("cluster_state:ok") {
+                    ok = false;
+                    break;
+                }
+            }
+            if ok {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the cluster never reached cluster_state:ok"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `SECKILL_REDIS_URL` for it: every node, comma-separated.
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(Node::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The slot of `key` (`CLUSTER KEYSLOT`).
+    pub async fn slot(&self, key: &str) -> u16 {
+        let mut c = self.running().conn().await;
+        redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query_async(&mut c)
+            .await
+            .unwrap()
+    }
+
+    fn running(&self) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.is_running())
+            .expect("a node runs")
+    }
+
+    /// The port of the primary serving `slot` now (`CLUSTER SLOTS`, asked of
+    /// a running node).
+    pub async fn primary_of(&self, slot: u16) -> u16 {
+        let mut c = self.running().conn().await;
+        let slots: Vec<redis::Value> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        for range in slots {
+            let redis::Value::Array(items) = range else {
+                continue;
+            };
+            let (Some(redis::Value::Int(lo)), Some(redis::Value::Int(hi))) =
+                (items.first(), items.get(1))
+            else {
+                continue;
+            };
+            if (*lo..=*hi).contains(&(slot as i64))
+                && let Some(redis::Value::Array(primary)) = items.get(2)
+                && let Some(redis::Value::Int(port)) = primary.get(1)
+            {
+                return *port as u16;
+            }
+        }
+        panic!("no primary serves slot {slot}");
+    }
+
+    /// The ports of the nodes that are primaries now.
+    pub async fn primaries(&self) -> Vec<u16> {
+        let mut out = Vec::new();
+        for n in self.nodes.iter().filter(|n| n.is_running()) {
+            let mut c = n.conn().await;
+            let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut c).await.unwrap();
+            if matches!(role.first(), Some(redis::Value::BulkString(r)) if r == b"master") {
+                out.push(n.port);
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+
+    /// The port of a replica of the primary on `primary` (`INFO
+    /// replication` of every running node).
+    pub async fn replica_of(&self, primary: u16) -> u16 {
+        for n in self.nodes.iter().filter(|n| n.is_running()) {
+            let mut c = n.conn().await;
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            if info.contains("role:slave") && info.contains(&format!("master_port:{primary}\r")) {
+                return n.port;
+            }
+        }
+        panic!("no replica of {primary}");
+    }
+
+    /// Promotes the replica on `port` at once (`CLUSTER FAILOVER
+    /// TAKEOVER`: no agreement from the other primaries needed, as after
+    /// its primary died) and waits until it is a primary and the cluster
+    /// is ok again.
+    pub async fn take_over(&self, port: u16) {
+        let node = self.nodes.iter().find(|n| n.port == port).unwrap();
+        let mut c = node.conn().await;
+        let _: String = redis::cmd("CLUSTER")
+            .arg("FAILOVER")
+            .arg("TAKEOVER")
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !self.primaries().await.contains(&port) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "replica {port} was never promoted"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.wait_ok().await;
+    }
+
+    /// Waits until the primary on `port` has at least one replica online.
+    pub async fn wait_replicated(&self, port: u16) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let node = self.nodes.iter().find(|n| n.port == port).unwrap();
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query_async(&mut node.conn().await)
+                .await
+                .unwrap_or_default();
+            if info.contains("state=online") {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{port} never got a replica online: {info}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn node(&mut self, port: u16) -> &mut Node {
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port == port)
+            .expect("a node of this cluster")
+    }
+}
+
+impl Drop for ClusterProc {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            n.kill9();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
