@@ -1056,18 +1056,26 @@ fn cluster_init_script_joins_the_compose_nodes_into_three_primaries_with_a_repli
         assert!(info.contains("cluster_state:ok\n"), "{port}: {info}");
         assert!(info.contains("cluster_known_nodes:6\n"), "{port}: {info}");
     }
-    let view = redis_cli(ports[0], &["cluster", "nodes"]);
-    let role = |line: &&str| line.split(' ').nth(2).unwrap_or_default().to_string();
-    let primaries = view.lines().filter(|l| role(l).contains("master"));
-    assert_eq!(primaries.count(), 3, "{view}");
-    let replicas: Vec<&str> = view.lines().filter(|l| role(l).contains("slave")).collect();
-    assert_eq!(replicas.len(), 3, "{view}");
-    // One replica per primary: they follow three different ones.
-    let followed: BTreeSet<&str> = replicas
-        .iter()
-        .map(|l| l.split(' ').nth(3).unwrap())
-        .collect();
-    assert_eq!(followed.len(), 3, "{view}");
+    // Each node's own role (`ROLE`: other nodes learn of a new replica by
+    // gossip, later): three primaries, and three replicas following three
+    // different primaries.
+    let (mut primaries, mut followed) = (BTreeSet::new(), Vec::new());
+    for port in &ports {
+        let role = redis_cli(*port, &["role"]);
+        let lines: Vec<&str> = role.lines().collect();
+        match lines[0] {
+            "master" => assert!(primaries.insert(port.to_string())),
+            "slave" => followed.push(lines[2].to_string()),
+            other => panic!("{port}: role {other}"),
+        }
+    }
+    assert_eq!(primaries.len(), 3, "{primaries:?}");
+    let distinct: BTreeSet<String> = followed.iter().cloned().collect();
+    assert_eq!(
+        (followed.len(), &distinct),
+        (3, &primaries),
+        "replicas follow"
+    );
     // Clients are told the announced hostname.
     let slots = redis_cli(ports[0], &["cluster", "slots"]);
     assert!(slots.contains("127.0.0.1"), "{slots}");
