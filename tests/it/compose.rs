@@ -73,6 +73,8 @@ struct Service {
     depends_on: BTreeMap<String, Dependency>,
     healthcheck: Option<Yaml>,
     restart: Option<String>,
+    profiles: Vec<String>,
+    deploy: Option<Yaml>,
 }
 
 #[derive(Deserialize)]
@@ -142,10 +144,17 @@ fn read(file: &str) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{file}: {e}"))
 }
 
-/// A YAML file, `<<` merge keys applied.
+/// A YAML file, `<<` merge keys applied (again while a merge brings in
+/// another: an anchor that merges an anchor).
 fn yaml<T: DeserializeOwned>(file: &str) -> T {
     let mut value: Yaml = serde_yaml::from_str(&read(file)).unwrap();
-    value.apply_merge().unwrap();
+    loop {
+        let before = value.clone();
+        value.apply_merge().unwrap();
+        if value == before {
+            break;
+        }
+    }
     serde_yaml::from_value(value).unwrap_or_else(|e| panic!("{file}: {e}"))
 }
 
@@ -171,6 +180,16 @@ impl Compose {
             }
         }
         out
+    }
+
+    /// The services of profile `profile` (`None`: those of no profile, which
+    /// every `docker compose up` starts).
+    fn in_profile(&self, profile: Option<&str>) -> BTreeMap<&str, &Service> {
+        let services = self.services.iter().filter(|(_, s)| match profile {
+            None => s.profiles.is_empty(),
+            Some(p) => s.profiles.iter().any(|q| q == p),
+        });
+        services.map(|(name, s)| (name.as_str(), s)).collect()
     }
 
     /// `source → target` of the bind mounts of a service.
@@ -740,4 +759,347 @@ fn docker_compose_config_accepts_the_file_when_the_cli_is_installed() {
         .expect("docker compose config runs");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "docker compose config: {stderr}");
+}
+
+// -------------------------------------------------------- cluster profile --
+
+/// The value after `flag` in a command line.
+fn arg<'a>(command: &'a [String], flag: &str) -> Option<&'a str> {
+    let at = command.iter().position(|a| a == flag)?;
+    command.get(at + 1).map(String::as_str)
+}
+
+/// The Redis Cluster nodes of the `cluster` profile: its services that run
+/// `redis-server`.
+fn cluster_nodes(compose: &Compose) -> BTreeMap<&str, &Service> {
+    let mut nodes = compose.in_profile(Some("cluster"));
+    nodes.retain(|_, s| s.command.first().is_some_and(|c| c == "redis-server"));
+    nodes
+}
+
+/// The `cluster` profile's one-shot service that joins the nodes: its
+/// `CLUSTER_NODES` and its shell script, compose's `$$` unescaped.
+fn cluster_init(compose: &Compose) -> (Vec<String>, String) {
+    let init = compose.service("redis-cluster-init");
+    let nodes = init.environment["CLUSTER_NODES"].split_whitespace();
+    let [sh, flags, script] = &init.command[..] else {
+        panic!("`sh -euc SCRIPT`: {:?}", init.command);
+    };
+    assert_eq!((sh.as_str(), flags.as_str()), ("sh", "-euc"));
+    let script = script.replace("$$", "$");
+    (nodes.map(str::to_string).collect(), script)
+}
+
+#[test]
+fn services_of_no_profile_are_the_default_topology_and_use_nothing_of_the_cluster_profile() {
+    let compose = compose();
+    let default = compose.in_profile(None);
+    let names: BTreeSet<&str> = default.keys().copied().collect();
+    assert_eq!(names, EXPECTED_SERVICES.split_whitespace().collect());
+    let profiles = compose.services.values().flat_map(|s| &s.profiles);
+    let profiles: BTreeSet<&str> = profiles.map(String::as_str).collect();
+    assert_eq!(profiles, ["cluster"].into(), "the profiles");
+    for (name, service) in &default {
+        for dependency in service.depends_on.keys() {
+            let in_default = default.contains_key(dependency.as_str());
+            assert!(in_default, "`{name}` depends on `{dependency}`");
+        }
+        let mounts = service.volumes.iter().map(|v| v.split(':').next().unwrap());
+        for source in mounts {
+            let cluster = source.contains("cluster") || source.starts_with("redis-node");
+            assert!(!cluster, "`{name}` mounts `{source}`");
+        }
+        let redis = service.environment.get("SECKILL_REDIS_URL");
+        assert!(matches!(
+            redis.map(String::as_str),
+            None | Some("redis://redis:6379")
+        ));
+        assert!(service.deploy.is_none(), "`{name}`");
+    }
+}
+
+#[test]
+fn cluster_profile_runs_six_cluster_enabled_nodes_joined_as_three_primaries_and_three_replicas() {
+    let compose = compose();
+    let nodes = cluster_nodes(&compose);
+    assert_eq!(nodes.len(), 6, "{:?}", nodes.keys());
+    let mut announced = BTreeSet::new();
+    for (name, node) in &nodes {
+        let command = &node.command;
+        assert_eq!(arg(command, "--cluster-enabled"), Some("yes"), "{name}");
+        // Clients are sent to a node by its own service name.
+        assert_eq!(arg(command, "--cluster-announce-hostname"), Some(*name));
+        let endpoint = arg(command, "--cluster-preferred-endpoint-type");
+        assert_eq!(endpoint, Some("hostname"), "{name}");
+        let port = arg(command, "--cluster-announce-port").expect("announced port");
+        announced.insert(format!("{name}:{port}"));
+        // Durable as the single redis, each with a volume of its own.
+        assert_eq!(arg(command, "--appendonly"), Some("yes"), "{name}");
+        assert_eq!(arg(command, "--maxmemory-policy"), Some("noeviction"));
+        let volumes = compose.mounts().into_iter().filter(|m| m.0 == *name);
+        let data: Vec<_> = volumes
+            .filter(|m| m.2 == "/data" && !is_bind(m.1))
+            .collect();
+        assert_eq!(data.len(), 1, "{name}: {data:?}");
+        assert!(node.healthcheck.is_some(), "{name}");
+    }
+
+    let init = compose.service("redis-cluster-init");
+    assert_eq!(init.profiles, ["cluster"]);
+    assert_eq!(init.restart.as_deref(), Some("no"), "a one-shot service");
+    for name in nodes.keys() {
+        let condition = init.depends_on.get(*name).map(|d| d.condition);
+        assert_eq!(condition, Some(Condition::Healthy), "init → {name}");
+    }
+    let (listed, script) = cluster_init(&compose);
+    assert_eq!(listed.iter().cloned().collect::<BTreeSet<_>>(), announced);
+    assert_eq!(listed.len(), 6, "{listed:?}");
+    // Six nodes, one replica per primary: three primaries, three replicas.
+    for part in [
+        "redis-cli --cluster create ",
+        "--cluster-replicas 1 ",
+        "--cluster-yes",
+    ] {
+        assert!(script.contains(part), "`{part}` in\n{script}");
+    }
+    assert!(
+        script.contains("cluster_state:ok"),
+        "it waits for the cluster"
+    );
+}
+
+#[test]
+fn cluster_profile_has_two_gateways_on_the_node_list_separate_workers_and_nginx_over_both() {
+    let compose = compose();
+    let cluster = compose.in_profile(Some("cluster"));
+    let nodes = cluster_nodes(&compose);
+    let seckill = |s: &&Service| s.build.is_some();
+    let roles = cluster.iter().filter(|(_, s)| seckill(s));
+    let by_command = |command: &[&str]| -> BTreeSet<&str> {
+        let same = roles.clone().filter(|(_, s)| s.command == command);
+        same.map(|(name, _)| *name).collect()
+    };
+    let gateways = by_command(&["serve", "--no-workers"]);
+    assert_eq!(gateways, ["cluster-gateway-1", "cluster-gateway-2"].into());
+    let workers = by_command(&["worker"]);
+    assert_eq!(workers, ["cluster-worker"].into());
+    let replicas = compose.service("cluster-worker").deploy.as_ref();
+    let replicas = replicas.and_then(|d| d["replicas"].as_u64());
+    assert_eq!(replicas, Some(2), "two worker containers");
+
+    let vars: BTreeMap<&str, &str> = SAMPLE_ENV.iter().copied().collect();
+    let expected_seeds: BTreeSet<String> = nodes
+        .iter()
+        .map(|(name, node)| {
+            let port = arg(&node.command, "--cluster-announce-port").unwrap();
+            format!("redis://{name}:{port}")
+        })
+        .collect();
+    for name in gateways.iter().chain(&workers).chain(&["cluster-migrate"]) {
+        let service = compose.service(name);
+        // A valid configuration of seckill in cluster mode, on a database
+        // of its own (the default stack keeps `seckill`).
+        let mut env = dockerfile_env();
+        for (key, value) in &service.environment {
+            env.insert(key.clone(), interpolate(value, &vars).unwrap());
+        }
+        let settings = Settings::from_lookup(|key| env.get(key).cloned());
+        let settings = settings.unwrap_or_else(|e| panic!("`{name}`: {e:#}"));
+        let seeds = seckill::stock::connection::seeds(&settings.redis_url);
+        assert!(
+            seeds.len() > 1,
+            "`{name}`: cluster mode needs several seeds"
+        );
+        let seeds: BTreeSet<String> = seeds.into_iter().map(str::to_string).collect();
+        assert_eq!(seeds, expected_seeds, "`{name}` lists every node");
+        assert!(
+            settings
+                .database_url
+                .ends_with("@postgres:5432/seckill_cluster")
+        );
+        assert!(settings.insecure_secrets().is_empty(), "`{name}`");
+        if *name != "cluster-migrate" {
+            use Condition::*;
+            let after = [
+                ("cluster-migrate", Completed),
+                ("redis-cluster-init", Completed),
+                ("postgres", Healthy),
+            ];
+            for (dependency, condition) in after {
+                let found = service.depends_on.get(dependency).map(|d| d.condition);
+                assert_eq!(found, Some(condition), "{name} → {dependency}");
+            }
+            assert!(!service.depends_on.contains_key("redis"), "{name}");
+        }
+    }
+    let worker = &compose.service("cluster-worker").environment;
+    assert_eq!(host_port(&worker["SECKILL_WORKER_LISTEN"]).1, 9091);
+
+    // nginx-cluster: the same nginx.conf and seckill.conf as nginx, its own
+    // upstream list naming both cluster gateways on their listen port.
+    let binds = compose.binds_of("nginx-cluster");
+    let mounted: BTreeMap<&str, &str> = binds.into_iter().map(|(s, t)| (t, s)).collect();
+    assert_eq!(mounted["/etc/nginx/nginx.conf"], "./nginx/nginx.conf");
+    assert_eq!(mounted["/etc/nginx/seckill.conf"], "./nginx/seckill.conf");
+    let upstreams = read(mounted["/etc/nginx/upstreams.conf"]);
+    let servers = nginx_directives(&upstreams, "server");
+    let mut hosts = BTreeSet::new();
+    for address in servers.iter().map(|s| s.split(' ').next().unwrap()) {
+        let (host, port) = host_port(address);
+        assert_eq!(port, seckill_listen_port(), "{address}");
+        hosts.insert(host);
+    }
+    assert_eq!(hosts, gateways, "nginx-cluster's upstreams");
+    let site = read("nginx/seckill.conf");
+    let upstream = site.split("upstream seckill {").nth(1).unwrap();
+    let upstream = upstream.split('}').next().unwrap();
+    for directive in ["include upstreams.conf;", "least_conn;", "keepalive 64;"] {
+        assert!(
+            upstream.contains(directive),
+            "`{directive}` in the upstream"
+        );
+    }
+    let nginx = compose.service("nginx-cluster");
+    assert_eq!(nginx.image, compose.service("nginx").image);
+    for gateway in &gateways {
+        let condition = nginx.depends_on.get(*gateway).map(|d| d.condition);
+        assert_eq!(
+            condition,
+            Some(Condition::Healthy),
+            "nginx-cluster → {gateway}"
+        );
+    }
+}
+
+/// Local `redis-server`s started with a cluster node's compose command line,
+/// killed (and their directory removed) on drop.
+struct LocalNodes {
+    children: Vec<std::process::Child>,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for LocalNodes {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `redis-cli -p PORT ARGS…`'s output.
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    let mut cli = Command::new("redis-cli");
+    cli.args(["-p", &port.to_string()]).args(args);
+    let out = cli.output().expect("redis-cli runs (is it installed?)");
+    String::from_utf8_lossy(&out.stdout).replace('\r', "")
+}
+
+/// Runs the init script as the service does, on `addresses`.
+fn run_init_script(script: &str, addresses: &str) -> std::process::Output {
+    let mut sh = Command::new("sh");
+    sh.args(["-euc", script]).env("CLUSTER_NODES", addresses);
+    sh.output().unwrap()
+}
+
+#[test]
+fn cluster_init_script_joins_the_compose_nodes_into_three_primaries_with_a_replica_each() {
+    let compose = compose();
+    let (_, script) = cluster_init(&compose);
+    let dir = std::env::temp_dir().join(format!("seckill-it-compose-{}", uuid::Uuid::new_v4()));
+    let mut nodes = LocalNodes {
+        children: Vec::new(),
+        dir: dir.clone(),
+    };
+    let mut ports = Vec::new();
+    // Each node runs its compose command line, with the loopback address
+    // and a spare port (and its bus port) in place of its service name and
+    // 6379.
+    for (name, node) in cluster_nodes(&compose) {
+        let port = loop {
+            let port = crate::procs::spare_port();
+            let bus = std::net::TcpListener::bind(("127.0.0.1", port + 10000));
+            if port < 55000 && bus.is_ok() {
+                break port;
+            }
+        };
+        let own_dir = dir.join(name);
+        std::fs::create_dir_all(&own_dir).unwrap();
+        let mut args = node.command[1..].to_vec();
+        let mut set = |flag: &str, value: String| {
+            let at = args.iter().position(|a| a == flag).expect(flag);
+            args[at + 1] = value;
+        };
+        set("--cluster-announce-hostname", "127.0.0.1".into());
+        set("--cluster-announce-port", port.to_string());
+        set("--cluster-announce-bus-port", (port + 10000).to_string());
+        let child = Command::new("redis-server")
+            .args(&args)
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(&own_dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server starts (is it installed?)");
+        nodes.children.push(child);
+        ports.push(port);
+    }
+    let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let addresses = addresses.join(" ");
+
+    // The script waits for every node to answer, then creates the cluster.
+    let out = run_init_script(&script, &addresses);
+    let output = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the init script failed:\n{output}");
+    for port in &ports {
+        let info = redis_cli(*port, &["cluster", "info"]);
+        assert!(info.contains("cluster_state:ok\n"), "{port}: {info}");
+        assert!(info.contains("cluster_known_nodes:6\n"), "{port}: {info}");
+    }
+    // Each node's own role (`ROLE`: other nodes learn of a new replica by
+    // gossip, later): three primaries, and three replicas following three
+    // different primaries.
+    let (mut primaries, mut followed) = (BTreeSet::new(), Vec::new());
+    for port in &ports {
+        let role = redis_cli(*port, &["role"]);
+        let lines: Vec<&str> = role.lines().collect();
+        match lines[0] {
+            "master" => assert!(primaries.insert(port.to_string())),
+            "slave" => followed.push(lines[2].to_string()),
+            other => panic!("{port}: role {other}"),
+        }
+    }
+    assert_eq!(primaries.len(), 3, "{primaries:?}");
+    let distinct: BTreeSet<String> = followed.iter().cloned().collect();
+    assert_eq!(
+        (followed.len(), &distinct),
+        (3, &primaries),
+        "replicas follow"
+    );
+    // Clients are told the announced hostname.
+    let slots = redis_cli(ports[0], &["cluster", "slots"]);
+    assert!(slots.contains("127.0.0.1"), "{slots}");
+
+    // A second `up` finds the cluster formed: the script creates nothing and
+    // succeeds.
+    let again = run_init_script(&script, &addresses);
+    let output = String::from_utf8_lossy(&again.stdout) + String::from_utf8_lossy(&again.stderr);
+    assert!(again.status.success(), "the second run failed:\n{output}");
+    assert!(
+        !output.contains("Performing hash slots allocation"),
+        "{output}"
+    );
+    assert_eq!(
+        redis_cli(ports[0], &["cluster", "nodes"]).lines().count(),
+        6
+    );
 }
