@@ -317,7 +317,7 @@ async fn scripts_load_on_every_primary_survive_script_flush_and_a_replayed_call_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "flaky: the workers' stuck acknowledgement is fixed (passed 6 runs in a row), but in 1 run of 11 the gateway answered every purchase `not loaded` for 60 s after the failover (cargo test -- --ignored cluster::with_wait)"]
+#[ignore = "flaky: since the workers' acknowledgement fix it passed 21 runs of 24 with no order lost; in 3 the gateway answered `not loaded` to every purchase after the failover (cargo test -- --ignored cluster::with_wait)"]
 async fn with_wait_for_one_replica_every_200_survives_its_primary_killed_mid_sale() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -401,8 +401,8 @@ async fn with_wait_for_one_replica_every_200_survives_its_primary_killed_mid_sal
                 let mut c = n.conn().await;
                 let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut c).await.unwrap();
                 let size: i64 = redis::cmd("DBSIZE").query_async(&mut c).await.unwrap();
-                let there: Result<i64, _> =
-                    redis::cmd("EXISTS").arg(&meta).query_async(&mut c).await;
+                let there: Result<Vec<(String, String)>, _> =
+                    redis::cmd("HGETALL").arg(&meta).query_async(&mut c).await;
                 println!(
                     "node {}: role {:?}, dbsize {size}, meta {there:?}",
                     n.port,
