@@ -19,6 +19,10 @@ use crate::pace::{self, Backoff};
 use crate::telemetry::{self, context as trace};
 use tracing::Instrument as _;
 
+/// Failed Redis calls in a row after which a worker builds its connection
+/// afresh (see [`Worker::reconnect`]).
+const RECONNECT_AFTER: u32 = 3;
+
 /// Why a malformed entry is in the dead-letter stream.
 const MALFORMED: &str = "malformed";
 
@@ -71,6 +75,10 @@ pub struct Worker {
     /// A store on a connection of its own: `XREADGROUP … BLOCK` holds it,
     /// and its reply timeout is longer than the block.
     store: Store,
+    /// Where `store` connects: a worker builds its connection afresh after
+    /// [`RECONNECT_AFTER`] failed Redis calls in a row.
+    redis_url: String,
+    keys: Keys,
     db: PgPool,
     consumer: String,
     config: WorkerConfig,
@@ -88,11 +96,17 @@ impl Worker {
         consumer: String,
         config: WorkerConfig,
     ) -> anyhow::Result<Worker> {
-        let store = Store::connect(redis_url, keys, ConnectOptions::blocking(config.block))
-            .await
-            .context("failed to connect the order worker to redis")?;
+        let store = Store::connect(
+            redis_url,
+            keys.clone(),
+            ConnectOptions::blocking(config.block),
+        )
+        .await
+        .context("failed to connect the order worker to redis")?;
         Ok(Worker {
             store,
+            redis_url: redis_url.to_string(),
+            keys,
             db,
             consumer,
             config,
@@ -109,11 +123,19 @@ impl Worker {
     pub async fn run(mut self, shutdown: CancellationToken) {
         tracing::info!(consumer = %self.consumer, "order worker started");
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut failures = 0;
         while !shutdown.is_cancelled() {
             match self.step(&shutdown).await {
-                Ok(_) => backoff.reset(),
+                Ok(_) => {
+                    backoff.reset();
+                    failures = 0;
+                }
                 Err(e) => {
                     tracing::warn!(consumer = %self.consumer, error = %format!("{e:#}"), "order worker step failed; retrying");
+                    failures += 1;
+                    if failures % RECONNECT_AFTER == 0 {
+                        self.reconnect().await;
+                    }
                     backoff.wait(&shutdown).await;
                 }
             }
@@ -123,6 +145,24 @@ impl Worker {
             tracing::warn!(consumer = %self.consumer, "stopped before the streams were drained; the rest stays for the next worker");
         }
         tracing::info!(consumer = %self.consumer, "order worker stopped");
+    }
+
+    /// Replaces the worker's Redis connection with a new one. On a cluster
+    /// the new client learns the slot map afresh from the seeds: whatever
+    /// state the old one was stuck in (a map naming a primary that is now a
+    /// replica, a node it kept reconnecting to) goes with it. A failed
+    /// connect keeps the old connection, to try again later.
+    async fn reconnect(&mut self) {
+        let options = ConnectOptions::blocking(self.config.block);
+        match Store::connect(&self.redis_url, self.keys.clone(), options).await {
+            Ok(store) => {
+                tracing::warn!(consumer = %self.consumer, "order worker reconnected to redis after repeated failures");
+                self.store = store;
+            }
+            Err(e) => {
+                tracing::warn!(consumer = %self.consumer, error = %format!("{e:#}"), "order worker could not reconnect to redis");
+            }
+        }
     }
 
     /// Writes what is left in the streams until a read finds nothing new.
@@ -312,7 +352,7 @@ impl Worker {
     /// Acknowledges and deletes written entries; the `dead` ones (malformed,
     /// or refused by PostgreSQL) are copied to the dead-letter stream first.
     pub async fn ack(
-        &self,
+        &mut self,
         entries: &[Entry],
         dead: &[(&Entry, &str)],
         shutdown: &CancellationToken,
@@ -321,11 +361,16 @@ impl Worker {
             tracing::error!(stream = %e.stream, id = %e.id, reason, "order entry moved to the dead-letter stream");
         }
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+        let mut failures = 0;
         loop {
             match self.store.ack(entries, dead).await {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     tracing::warn!(error = %e, "acknowledging written orders failed; retrying");
+                    failures += 1;
+                    if failures % RECONNECT_AFTER == 0 {
+                        self.reconnect().await;
+                    }
                     if !backoff.wait(shutdown).await {
                         // Written but not acknowledged: a redelivery is
                         // skipped by the insert, so nothing is lost or doubled.

@@ -1266,19 +1266,9 @@ impl Store {
                     .xadd(self.keys.dead_letters(), "*", &dead_letter(e, reason))
                     .await?;
             }
-            let acks = by_stream.iter().map(|(stream, ids)| {
-                let mut conn = self.conn();
-                async move {
-                    redis::pipe()
-                        .atomic()
-                        .xack(*stream, self.keys.consumer_group(), ids)
-                        .ignore()
-                        .xdel(*stream, ids)
-                        .ignore()
-                        .exec_async(&mut conn)
-                        .await
-                }
-            });
+            let acks = by_stream
+                .iter()
+                .map(|(stream, ids)| self.ack_stream(stream, ids));
             futures_util::future::try_join_all(acks).await?;
             return Ok(());
         }
@@ -1295,6 +1285,39 @@ impl Store {
                 .ignore();
         }
         pipe.exec_async(&mut self.conn()).await
+    }
+
+    /// Cluster mode: acknowledges and deletes `ids` of `stream` in a `MULTI`
+    /// of its own.
+    ///
+    /// The cluster client follows a `MOVED` answered to a single command
+    /// (and refreshes its slot map), but not the `MOVED`s inside a
+    /// transaction: those come back as one `EXECABORT`, which it does not
+    /// retry. After a failover its map may still name the old primary,
+    /// which came back as a replica and answers every queued command with
+    /// `MOVED`: the same transaction would be refused for ever. So on
+    /// `EXECABORT` one plain command to the stream's slot (`XLEN`) lets the
+    /// client follow the redirect and refresh its map, and the transaction
+    /// is sent once more, to the primary.
+    async fn ack_stream(&self, stream: &str, ids: &[&str]) -> RedisResult<()> {
+        let mut conn = self.conn();
+        let transaction = || {
+            let mut pipe = redis::pipe();
+            pipe.atomic()
+                .xack(stream, self.keys.consumer_group(), ids)
+                .ignore()
+                .xdel(stream, ids)
+                .ignore();
+            pipe
+        };
+        match transaction().exec_async(&mut conn).await {
+            Err(e) if e.code() == Some("EXECABORT") => {
+                tracing::warn!(%stream, error = %e, "acknowledgement refused (redirected?); refreshing the cluster slot map and sending it again");
+                let _: i64 = conn.xlen(stream).await?;
+                transaction().exec_async(&mut conn).await
+            }
+            done => done,
+        }
     }
 
     /// The length and pending count of promotion `id`'s stream.

@@ -317,7 +317,7 @@ async fn scripts_load_on_every_primary_survive_script_flush_and_a_replayed_call_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "flaky: passed 2 runs of 3; in the third the workers left confirmed orders in the stream for 60 s after the failover (cargo test -- --ignored cluster::with_wait)"]
+#[ignore = "flaky: since the workers' acknowledgement fix it passed 23 runs of 27 with no order lost; in 4 the gateway answered `not loaded` to every purchase after the failover (the promoted replica's meta hash held only `sold`) (cargo test -- --ignored cluster::with_wait)"]
 async fn with_wait_for_one_replica_every_200_survives_its_primary_killed_mid_sale() {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -325,7 +325,11 @@ async fn with_wait_for_one_replica_every_200_survives_its_primary_killed_mid_sal
     // Batches answered 503 (no replica yet after the failover) still took
     // their units: stock enough that the sale outlasts the failover.
     const STOCK: i64 = 2000;
-    const BUYERS: i64 = 4000;
+    // Buyers are not what runs out: while the restarted node still believes
+    // it owns the slot (before the cluster tells it otherwise) it answers
+    // "not loaded" at once, and thousands of buyers pass in a second or two.
+    // The sale goes on until told to stop.
+    const BUYERS: i64 = 1_000_000;
     let mut cluster = ClusterProc::start(3, 1).await;
     let mut settings = test_settings();
     settings.redis_url = cluster.url();
@@ -349,11 +353,13 @@ async fn with_wait_for_one_replica_every_200_survives_its_primary_killed_mid_sal
         tokio::spawn(async move {
             let mut confirmed = Vec::new();
             let mut unavailable = 0;
-            for wave in (1..=BUYERS).collect::<Vec<_>>().chunks(20) {
+            for first in (1..=BUYERS).step_by(20) {
                 if stop.load(Ordering::SeqCst) {
                     break;
                 }
-                for (status, body) in join_all(wave.iter().map(|u| app.purchase(id, *u))).await {
+                for (status, body) in
+                    join_all((first..first + 20).map(|u| app.purchase(id, u))).await
+                {
                     match status {
                         StatusCode::OK => {
                             confirmed.push(body["order_id"].as_str().unwrap().to_string());
@@ -388,10 +394,27 @@ async fn with_wait_for_one_replica_every_200_survives_its_primary_killed_mid_sal
             let ended = sale.await.map(|(c, unavailable)| (c.len(), unavailable));
             panic!("the sale ended before going on after the failover: {ended:?}");
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the sale did not go on after the failover"
-        );
+        if tokio::time::Instant::now() >= deadline {
+            // Where the promotion's state is: each node's role and keys.
+            let meta = app.keys.promotion(id).meta;
+            for n in cluster.nodes.iter().filter(|n| n.is_running()) {
+                let mut c = n.conn().await;
+                let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut c).await.unwrap();
+                let size: i64 = redis::cmd("DBSIZE").query_async(&mut c).await.unwrap();
+                let there: Result<Vec<(String, String)>, _> =
+                    redis::cmd("HGETALL").arg(&meta).query_async(&mut c).await;
+                println!(
+                    "node {}: role {:?}, dbsize {size}, meta {there:?}",
+                    n.port,
+                    role.first()
+                );
+            }
+            println!(
+                "killed {primary}, promoted {replica}, slot of the promotion on {}",
+                cluster.primary_of(cluster.slot(&meta).await).await
+            );
+            panic!("the sale did not go on after the failover");
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     stop.store(true, Ordering::SeqCst);
