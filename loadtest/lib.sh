@@ -258,8 +258,77 @@ lt_stop() {
 }
 
 lt_stop_all() {
-	local name
+	local name pid
 	for name in "${LT_STARTED[@]}"; do lt_stop "$name"; done
+	for pid in "${LT_NODE_PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+	for pid in "${LT_NODE_PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+	LT_NODE_PIDS=()
+}
+
+# Redis nodes this script started (lt_start_redis): killed by lt_stop_all,
+# whatever LT_KEEP says (their data is scratch).
+LT_NODE_PIDS=()
+
+# lt_spare_port: a loopback port where nothing answers, and nothing answers
+# 10000 above it either (a cluster node's bus port).
+lt_spare_port() {
+	local p
+	while :; do
+		p=$((20000 + RANDOM % 25000))
+		redis-cli -p "$p" PING >/dev/null 2>&1 && continue
+		redis-cli -p $((p + 10000)) PING >/dev/null 2>&1 && continue
+		echo "$p"
+		return 0
+	done
+}
+
+# lt_start_redis PORT [cluster]: a redis-server on 127.0.0.1:PORT that keeps
+# nothing on disk (files under $LT_DIR/nodes), with cluster mode on when asked;
+# returns when it answers PING.
+lt_start_redis() {
+	local extra=() i
+	[[ ${2:-} == cluster ]] &&
+		extra=(--cluster-enabled yes --cluster-config-file "nodes-$1.conf" --cluster-node-timeout 2000)
+	mkdir -p "$LT_DIR/nodes"
+	redis-server --port "$1" --bind 127.0.0.1 --save "" --appendonly no \
+		--dir "$LT_DIR/nodes" "${extra[@]}" >"$LT_DIR/nodes/$1.log" 2>&1 &
+	LT_NODE_PIDS+=("$!")
+	for ((i = 0; i < 100; i++)); do
+		redis-cli -p "$1" PING >/dev/null 2>&1 && return 0
+		sleep 0.1
+	done
+	lt_die "redis-server on port $1 did not start (log: $LT_DIR/nodes/$1.log)"
+}
+
+# lt_start_cluster PRIMARIES REPLICAS: a local Redis Cluster on consecutive
+# spare ports, PRIMARIES x (1 + REPLICAS) nodes joined by `redis-cli
+# --cluster create`, waited for until every node says cluster_state:ok. Sets
+# LT_CLUSTER_URL to the comma-separated seed list (SECKILL_REDIS_URL's cluster
+# form).
+lt_start_cluster() {
+	local n=$(($1 * (1 + $2))) base i a addrs=() urls=()
+	base=$(lt_spare_port)
+	for ((i = 1; i < n; i++)); do
+		redis-cli -p $((base + i)) PING >/dev/null 2>&1 && { base=$(lt_spare_port); i=0; }
+	done
+	for ((i = 0; i < n; i++)); do
+		lt_start_redis $((base + i)) cluster
+		addrs+=("127.0.0.1:$((base + i))")
+		urls+=("redis://127.0.0.1:$((base + i))")
+	done
+	redis-cli --cluster create "${addrs[@]}" --cluster-replicas "$2" --cluster-yes \
+		>"$LT_DIR/nodes/create.log" 2>&1 || lt_die "redis-cli --cluster create failed (log: $LT_DIR/nodes/create.log)"
+	for a in "${addrs[@]}"; do
+		for ((i = 0; i < 300; i++)); do
+			redis-cli -p "${a#*:}" CLUSTER INFO 2>/dev/null | grep -q cluster_state:ok && break
+			sleep 0.1
+		done
+		((i < 300)) || lt_die "node $a never reported cluster_state:ok"
+	done
+	LT_CLUSTER_URL=$(
+		IFS=,
+		echo "${urls[*]}"
+	)
 }
 
 # lt_admin METHOD PATH [BODY]: the body of the answer on stdout; fails on non-2xx.

@@ -37,58 +37,13 @@ lt_ensure_tools curl jq wrk redis-cli redis-server redis-benchmark psql
 lt_deps
 lt_build
 
-NODE_PIDS=()
-stop_nodes() {
-	local pid
-	for pid in "${NODE_PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
-	rm -rf "$LT_DIR/nodes"
-}
-LT_EXTRA_CLEANUP=stop_nodes
 lt_exit_traps
-mkdir -p "$LT_DIR/nodes"
 
-spare_port() {
-	local p
-	while :; do
-		p=$((20000 + RANDOM % 20000))
-		redis-cli -p "$p" PING >/dev/null 2>&1 || { redis-cli -p $((p + 10000)) PING >/dev/null 2>&1 || break; }
-	done
-	echo "$p"
-}
-
-# node PORT [cluster]: a redis-server on loopback, nothing on disk.
-node() {
-	local extra=()
-	[[ ${2:-} == cluster ]] && extra=(--cluster-enabled yes --cluster-config-file "nodes-$1.conf" --cluster-node-timeout 2000)
-	redis-server --port "$1" --bind 127.0.0.1 --save "" --appendonly no \
-		--dir "$LT_DIR/nodes" "${extra[@]}" >"$LT_DIR/nodes/$1.log" 2>&1 &
-	NODE_PIDS+=("$!")
-	for _ in $(seq 100); do redis-cli -p "$1" PING >/dev/null 2>&1 && return 0; sleep 0.1; done
-	lt_die "redis-server on $1 did not start"
-}
-
-single=$(spare_port)
-node "$single"
-base=$(spare_port)
-while ((base + 5 + 10000 > 65535)); do base=$(spare_port); done
-addrs=() urls=()
-for i in 0 1 2 3 4 5; do
-	node $((base + i)) cluster
-	addrs+=("127.0.0.1:$((base + i))")
-	urls+=("redis://127.0.0.1:$((base + i))")
-done
-redis-cli --cluster create "${addrs[@]}" --cluster-replicas 1 --cluster-yes >"$LT_DIR/nodes/create.log"
-for a in "${addrs[@]}"; do
-	for _ in $(seq 300); do
-		redis-cli -p "${a#*:}" CLUSTER INFO | grep -q cluster_state:ok && break
-		sleep 0.1
-	done
-done
-CLUSTER_URL=$(
-	IFS=,
-	echo "${urls[*]}"
-)
-lt_log "standalone on $single; cluster on ${addrs[*]}"
+single=$(lt_spare_port)
+lt_start_redis "$single"
+lt_start_cluster 3 1
+CLUSTER_URL=$LT_CLUSTER_URL
+lt_log "standalone on $single; cluster $CLUSTER_URL"
 
 lt_env "$LT_BIN" tokens --users "$USERS" >"$LT_DIR/tokens.csv"
 # wrk sends lines in order: each measurement gets a slice of its own.
