@@ -27,7 +27,31 @@ pub struct Request {
     pub peer: SocketAddr,
 }
 
+/// The strong `ETag` of a fixed body compiled into the binary: the start of
+/// its SHA-256, quoted.
+pub fn content_etag(body: &[u8]) -> hyper::header::HeaderValue {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(body);
+    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
+    hyper::header::HeaderValue::from_str(&format!("\"{hex}\""))
+        .expect("hex is a valid header value")
+}
+
 impl Request {
+    /// Whether the caller's `If-None-Match` names `tag` (or `*`): the body it
+    /// holds is current, and the answer is `304`.
+    pub fn holds_current(&self, tag: &hyper::header::HeaderValue) -> bool {
+        let tag = tag.to_str().unwrap_or("");
+        self.parts
+            .headers
+            .get_all(hyper::header::IF_NONE_MATCH)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .any(|t| t == "*" || t.trim_start_matches("W/") == tag)
+    }
+
     /// The path id as a positive integer, or `400 invalid_id`.
     pub fn id(&self) -> Result<i64, ApiError> {
         parse_id(self.param.as_deref().unwrap_or(""))

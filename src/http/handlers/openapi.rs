@@ -13,10 +13,9 @@ use std::sync::LazyLock;
 
 use bytes::Bytes;
 use hyper::StatusCode;
-use hyper::header::{CACHE_CONTROL, ETAG, HeaderValue, IF_NONE_MATCH};
-use sha2::{Digest, Sha256};
+use hyper::header::{CACHE_CONTROL, ETAG, HeaderValue};
 
-use crate::http::request::Request;
+use crate::http::request::{Request, content_etag};
 use crate::http::{ApiError, Response, empty, json_bytes};
 
 /// The document, as `docs/openapi.json` holds it.
@@ -28,25 +27,12 @@ pub const DOCUMENT: &str = include_str!("../../../docs/openapi.json");
 const CACHE_CONTROL_VALUE: &str = "public, max-age=300";
 
 /// The strong `ETag` of the document: the start of its SHA-256.
-static ETAG_VALUE: LazyLock<HeaderValue> = LazyLock::new(|| {
-    let digest = Sha256::digest(DOCUMENT.as_bytes());
-    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-    HeaderValue::from_str(&format!("\"{hex}\"")).expect("hex is a valid header value")
-});
+static ETAG_VALUE: LazyLock<HeaderValue> = LazyLock::new(|| content_etag(DOCUMENT.as_bytes()));
 
 /// `200` with the document, or `304` when the caller's `If-None-Match`
 /// names its `ETag`.
 pub async fn document(req: Request) -> Result<Response, ApiError> {
-    let current = req
-        .parts
-        .headers
-        .get_all(IF_NONE_MATCH)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .any(|tag| tag == "*" || tag.trim_start_matches("W/") == ETAG_VALUE.to_str().unwrap_or(""));
-    let mut res = if current {
+    let mut res = if req.holds_current(&ETAG_VALUE) {
         empty(StatusCode::NOT_MODIFIED)
     } else {
         json_bytes(StatusCode::OK, Bytes::from_static(DOCUMENT.as_bytes()))

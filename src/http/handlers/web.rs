@@ -18,12 +18,11 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::StatusCode;
 use hyper::header::{
-    CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, ETAG, HeaderValue, IF_NONE_MATCH,
-    REFERRER_POLICY, X_CONTENT_TYPE_OPTIONS,
+    CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, ETAG, HeaderValue, REFERRER_POLICY,
+    X_CONTENT_TYPE_OPTIONS,
 };
-use sha2::{Digest, Sha256};
 
-use crate::http::request::Request;
+use crate::http::request::{Request, content_etag};
 use crate::http::{ApiError, Response, empty};
 
 /// The policy of every page and asset: this origin only, no inline script.
@@ -93,9 +92,7 @@ pub fn all() -> impl Iterator<Item = &'static Asset> {
 }
 
 fn etag_of(asset: &Asset) -> HeaderValue {
-    let digest = Sha256::digest(asset.body.as_bytes());
-    let hex: String = digest[..8].iter().map(|b| format!("{b:02x}")).collect();
-    HeaderValue::from_str(&format!("\"{hex}\"")).expect("hex is a valid header value")
+    content_etag(asset.body.as_bytes())
 }
 
 /// `GET /`
@@ -123,16 +120,7 @@ fn serve(req: &Request, asset: &'static Asset) -> Response {
         .position(|a| a.path == asset.path)
         .expect("a listed asset");
     let tag = &ETAGS[index];
-    let current = req
-        .parts
-        .headers
-        .get_all(IF_NONE_MATCH)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .any(|t| t == "*" || t.trim_start_matches("W/") == tag.to_str().unwrap_or(""));
-    let mut res = if current {
+    let mut res = if req.holds_current(tag) {
         empty(StatusCode::NOT_MODIFIED)
     } else {
         let mut res = hyper::Response::new(Full::new(Bytes::from_static(asset.body.as_bytes())));
