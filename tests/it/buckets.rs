@@ -402,28 +402,6 @@ async fn an_expired_order_returns_its_unit_to_its_bucket() {
     app.stop().await;
 }
 
-/// Deletes every key of bucket `bucket` of promotion `id` (Redis lost the
-/// bucket's hash tag).
-async fn lose_bucket(app: &TestApp, id: i64, bucket: u32) {
-    let k = app.keys.bucket(id, bucket);
-    let _: i64 = redis::cmd("DEL")
-        .arg(&[
-            &k.meta,
-            &k.stock,
-            &k.buyers,
-            &k.orders,
-            &k.results,
-            &k.returned,
-            &k.won,
-            &k.tokens,
-            &k.transfers,
-            &k.received,
-        ])
-        .query_async(&mut app.redis.clone())
-        .await
-        .unwrap();
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recover_rebuilds_a_lost_bucket_and_the_sale_goes_on_exactly() {
     let mut app = spawn_app().await;
@@ -440,7 +418,7 @@ async fn recover_rebuilds_a_lost_bucket_and_the_sale_goes_on_exactly() {
     let before = stocks(&app, id, n).await;
     assert_eq!(before.iter().sum::<i64>(), 10);
 
-    lose_bucket(&app, id, 1).await;
+    app.lose_bucket(id, 1).await;
     let done = recovery::recover(&app.db, &store(&app), Some(id))
         .await
         .unwrap();
@@ -516,7 +494,7 @@ async fn a_transfer_stopped_between_its_steps_is_finished_by_recovery_once() {
         s.transfer_out(id, 0, 1, "t-2", 2).await.unwrap(),
         TransferOut::Taken(2)
     );
-    lose_bucket(&app, id, 1).await;
+    app.lose_bucket(id, 1).await;
     recovery::recover(&app.db, &s, Some(id)).await.unwrap();
     assert_eq!(stocks(&app, id, n).await, vec![5, 3]);
     assert_eq!(assert_no_drift(&app, id).await.in_transit, 0);
@@ -528,14 +506,14 @@ async fn a_transfer_stopped_between_its_steps_is_finished_by_recovery_once() {
         TransferOut::Taken(4)
     );
     assert!(s.transfer_in(id, 0, 1, "t-3", 4).await.unwrap());
-    lose_bucket(&app, id, 0).await;
+    app.lose_bucket(id, 0).await;
     recovery::recover(&app.db, &s, Some(id)).await.unwrap();
     assert_eq!(stocks(&app, id, n).await, vec![1, 7]);
     assert_no_drift(&app, id).await;
 
     // Both lost: the stock is whole again, spread over the two.
-    lose_bucket(&app, id, 0).await;
-    lose_bucket(&app, id, 1).await;
+    app.lose_bucket(id, 0).await;
+    app.lose_bucket(id, 1).await;
     recovery::recover(&app.db, &s, Some(id)).await.unwrap();
     assert_eq!(stocks(&app, id, n).await.iter().sum::<i64>(), 8);
 

@@ -432,9 +432,16 @@ impl TestApp {
             .clone()
     }
 
-    /// Redis loses every key of promotion `id`'s sale state and stream.
+    /// Redis loses every key of promotion `id`'s sale state and stream (of
+    /// its first bucket: all of it when the promotion is not split).
     pub async fn lose_promotion(&self, id: i64) {
-        let k = self.keys.promotion(id);
+        self.lose_bucket(id, 0).await;
+    }
+
+    /// Redis loses every key of bucket `bucket` of promotion `id` (its hash
+    /// tag).
+    pub async fn lose_bucket(&self, id: i64, bucket: u32) {
+        let k = self.keys.bucket(id, bucket);
         let _: i64 = redis::cmd("DEL")
             .arg(&[
                 &k.meta,
@@ -445,6 +452,8 @@ impl TestApp {
                 &k.returned,
                 &k.won,
                 &k.tokens,
+                &k.transfers,
+                &k.received,
             ])
             .query_async(&mut self.redis.clone())
             .await
