@@ -272,9 +272,20 @@ pub struct GatewayProc {
 impl GatewayProc {
     /// Starts `seckill serve` with `settings` and `extra` environment.
     pub async fn start(settings: &Settings, extra: &[(&str, &str)]) -> GatewayProc {
+        GatewayProc::start_with(settings, &[], extra).await
+    }
+
+    /// Starts `seckill serve ARGS` with `settings` and `extra` environment
+    /// (which may override the defaults below).
+    pub async fn start_with(
+        settings: &Settings,
+        args: &[&str],
+        extra: &[(&str, &str)],
+    ) -> GatewayProc {
         let stores = StoreOwner::claim(settings);
         let mut cmd = seckill_command(settings);
         cmd.arg("serve")
+            .args(args)
             .env("SECKILL_LISTEN", "127.0.0.1:0")
             .env("SECKILL_LOG_FORMAT", "json")
             .env("RUST_LOG", "info")

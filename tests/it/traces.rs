@@ -12,7 +12,6 @@
 //! counted; with export off, the stream entry has no `traceparent`.
 
 use std::collections::HashMap;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -36,11 +35,8 @@ use seckill::stock::Keys;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::helpers::{
-    ADMIN_TOKEN, StoreOwner, active_body, listening_addr, seckill_command, spawn_app_with,
-    test_settings, user_token,
-};
-use crate::procs::spare_port;
+use crate::helpers::{ADMIN_TOKEN, active_body, spawn_app_with, test_settings, user_token};
+use crate::procs::{GatewayProc, spare_port};
 
 /// One span as the receiver decoded it (ids in hex).
 #[derive(Debug, Clone)]
@@ -202,48 +198,28 @@ async fn grpc_receiver(received: Received) -> u16 {
     port
 }
 
-/// `seckill serve` (with `args`) as a child process with `env`.
+/// `seckill serve` (with `args`) as a child process with `env`, its workers
+/// polling and its spans exported every 100 ms.
 struct Gateway {
-    addr: String,
+    proc: GatewayProc,
     settings: seckill::config::Settings,
-    child: tokio::process::Child,
-    _stores: StoreOwner,
 }
 
 impl Gateway {
     async fn start(args: &[&str], env: &[(&str, String)]) -> Gateway {
         let settings = test_settings();
-        let stores = StoreOwner::claim(&settings);
-        let mut cmd = seckill_command(&settings);
-        cmd.arg("serve")
-            .args(args)
-            .env("SECKILL_LISTEN", "127.0.0.1:0")
-            .env("SECKILL_LOG_FORMAT", "json")
-            .env("RUST_LOG", "info")
-            .env("SECKILL_RATE_GLOBAL", "0")
-            .env("SECKILL_RATE_USER", "0")
-            .env("SECKILL_RATE_IP", "0")
-            .env("SECKILL_WORKER_BLOCK_MS", "100")
-            .env("OTEL_BSP_SCHEDULE_DELAY", "100")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .kill_on_drop(true);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("the seckill binary starts");
-        let addr = listening_addr(&mut child, "gateway listening").await;
-        Gateway {
-            addr,
-            settings,
-            child,
-            _stores: stores,
-        }
+        let mut all = vec![
+            ("SECKILL_WORKER_BLOCK_MS", "100"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ];
+        all.extend(env.iter().map(|(k, v)| (*k, v.as_str())));
+        let proc = GatewayProc::start_with(&settings, args, &all).await;
+        Gateway { proc, settings }
     }
 
     async fn promotion(&self, stock: i64) -> i64 {
         let created: serde_json::Value = reqwest::Client::new()
-            .post(format!("http://{}/admin/promotions", self.addr))
+            .post(format!("http://{}/admin/promotions", self.proc.addr))
             .bearer_auth(ADMIN_TOKEN)
             .json(&active_body(stock, 1))
             .send()
@@ -259,7 +235,7 @@ impl Gateway {
         let mut req = reqwest::Client::new()
             .post(format!(
                 "http://{}/api/promotions/{promotion}/purchase",
-                self.addr
+                self.proc.addr
             ))
             .bearer_auth(user_token(user))
             .json(&serde_json::json!({}));
@@ -272,7 +248,7 @@ impl Gateway {
     /// The value of the counter series `series` (name and labels as
     /// rendered) on `/metrics`.
     async fn counter(&self, series: &str) -> f64 {
-        let text = reqwest::get(format!("http://{}/metrics", self.addr))
+        let text = reqwest::get(format!("http://{}/metrics", self.proc.addr))
             .await
             .unwrap()
             .text()
@@ -444,9 +420,9 @@ async fn spans_still_queued_are_exported_on_shutdown() {
         0,
         "nothing sent yet"
     );
-    let pid = nix::unistd::Pid::from_raw(gw.child.id().unwrap() as i32);
+    let pid = nix::unistd::Pid::from_raw(gw.proc.child.id().unwrap() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(30), gw.child.wait())
+    let status = tokio::time::timeout(Duration::from_secs(30), gw.proc.child.wait())
         .await
         .expect("the gateway stops within 30 s")
         .unwrap();
