@@ -23,7 +23,7 @@ use crate::orders::{Worker, WorkerConfig};
 use crate::promotions::{PromotionCache, Promotions};
 use crate::stock::clock::RedisClock;
 use crate::stock::coalesce::Coalescer;
-use crate::stock::{ConnectOptions, Keys, Store};
+use crate::stock::{ConnectOptions, Keys, ListenerPool, Store, WorkerPool};
 use crate::{db, pace};
 
 /// How often the keyed rate limiters forget replenished keys.
@@ -203,8 +203,14 @@ impl App {
                     }
                 }
             });
+            let listeners = ListenerPool::new(
+                &self.state.settings.redis_url,
+                1,
+                ConnectOptions::commands(self.state.settings.redis_timeout),
+            )
+            .context("failed to set up the cache listener's redis connection")?;
             workers.spawn(crate::promotions::events::listen(
-                self.state.settings.redis_url.clone(),
+                listeners,
                 self.state.store.keys().clone(),
                 self.state.cache.clone(),
                 token.clone(),
@@ -263,6 +269,8 @@ async fn start_background(
     .context("failed to connect the background tasks to redis")?;
     let mut tasks = JoinSet::new();
     let config = WorkerConfig::from_settings(settings);
+    let pool = WorkerPool::new(&settings.redis_url, settings.workers, config.block)
+        .context("failed to set up the order workers' redis connections")?;
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
     for n in 0..settings.workers {
         let consumer = format!(
@@ -271,7 +279,7 @@ async fn start_background(
             uuid::Uuid::new_v4().simple()
         );
         let worker = Worker::connect(
-            &settings.redis_url,
+            pool.clone(),
             db.clone(),
             keys.clone(),
             consumer,

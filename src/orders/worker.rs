@@ -19,14 +19,16 @@ use crate::pace::{self, Backoff};
 use crate::telemetry::{self, context as trace};
 use tracing::Instrument as _;
 
-/// Failed Redis calls in a row after which a worker builds its connection
-/// afresh (see [`Worker::reconnect`]).
+/// Failed steps in a row after which a worker takes a fresh Redis
+/// connection from its pool even though none reported a dropped connection
+/// (see [`Worker::reconnect`]).
 const RECONNECT_AFTER: u32 = 3;
 
 /// Why a malformed entry is in the dead-letter stream.
 const MALFORMED: &str = "malformed";
 
-use crate::stock::{ConnectOptions, Entry, Keys, OrderMessage, Store};
+use crate::stock::pool::Lease;
+use crate::stock::{Entry, Keys, OrderMessage, Store, WorkerPool};
 
 /// How a worker paces itself.
 #[derive(Debug, Clone)]
@@ -72,12 +74,13 @@ pub enum Outcome {
 
 /// One stream consumer.
 pub struct Worker {
-    /// A store on a connection of its own: `XREADGROUP … BLOCK` holds it,
-    /// and its reply timeout is longer than the block.
+    /// The worker's own connection, lent by `pool`: `XREADGROUP … BLOCK`
+    /// holds it, and its reply timeout is longer than the block.
+    lease: Lease,
+    /// A store on `lease`'s connection.
     store: Store,
-    /// Where `store` connects: a worker builds its connection afresh after
-    /// [`RECONNECT_AFTER`] failed Redis calls in a row.
-    redis_url: String,
+    /// Where a fresh connection comes from when this one fails.
+    pool: WorkerPool,
     keys: Keys,
     db: PgPool,
     consumer: String,
@@ -88,24 +91,23 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Connects a worker named `consumer` (unique per process and task).
+    /// A worker named `consumer` (unique per process and task), on a
+    /// connection from `pool` (see `WorkerPool::new`, sized to the workers).
     pub async fn connect(
-        redis_url: &str,
+        pool: WorkerPool,
         db: PgPool,
         keys: Keys,
         consumer: String,
         config: WorkerConfig,
     ) -> anyhow::Result<Worker> {
-        let store = Store::connect(
-            redis_url,
-            keys.clone(),
-            ConnectOptions::blocking(config.block),
-        )
-        .await
-        .context("failed to connect the order worker to redis")?;
+        let lease = pool
+            .lease()
+            .await
+            .context("failed to connect the order worker to redis")?;
         Ok(Worker {
-            store,
-            redis_url: redis_url.to_string(),
+            store: Store::new(lease.conn(), keys.clone()),
+            lease,
+            pool,
             keys,
             db,
             consumer,
@@ -133,7 +135,7 @@ impl Worker {
                 Err(e) => {
                     tracing::warn!(consumer = %self.consumer, error = %format!("{e:#}"), "order worker step failed; retrying");
                     failures += 1;
-                    if failures % RECONNECT_AFTER == 0 {
+                    if connection_lost(&e) || failures % RECONNECT_AFTER == 0 {
                         self.reconnect().await;
                     }
                     backoff.wait(&shutdown).await;
@@ -147,17 +149,19 @@ impl Worker {
         tracing::info!(consumer = %self.consumer, "order worker stopped");
     }
 
-    /// Replaces the worker's Redis connection with a new one. On a cluster
-    /// the new client learns the slot map afresh from the seeds: whatever
-    /// state the old one was stuck in (a map naming a primary that is now a
-    /// replica, a node it kept reconnecting to) goes with it. A failed
-    /// connect keeps the old connection, to try again later.
+    /// Takes a fresh Redis connection from the pool and throws the old one
+    /// away. On a cluster the new connection learns the slot map afresh from
+    /// the seeds: whatever state the old one was stuck in (a map naming a
+    /// primary that is now a replica, a node it kept reconnecting to) goes
+    /// with it. When no connection can be had, the worker keeps the old one
+    /// and tries again at its next failure.
     async fn reconnect(&mut self) {
-        let options = ConnectOptions::blocking(self.config.block);
-        match Store::connect(&self.redis_url, self.keys.clone(), options).await {
-            Ok(store) => {
-                tracing::warn!(consumer = %self.consumer, "order worker reconnected to redis after repeated failures");
-                self.store = store;
+        match self.pool.lease().await {
+            Ok(lease) => {
+                let old = std::mem::replace(&mut self.lease, lease);
+                self.store = Store::new(self.lease.conn(), self.keys.clone());
+                old.discard();
+                tracing::warn!(consumer = %self.consumer, "order worker took a fresh redis connection after a failure");
             }
             Err(e) => {
                 tracing::warn!(consumer = %self.consumer, error = %format!("{e:#}"), "order worker could not reconnect to redis");
@@ -368,7 +372,7 @@ impl Worker {
                 Err(e) => {
                     tracing::warn!(error = %e, "acknowledging written orders failed; retrying");
                     failures += 1;
-                    if failures % RECONNECT_AFTER == 0 {
+                    if drops_connection(&e) || failures % RECONNECT_AFTER == 0 {
                         self.reconnect().await;
                     }
                     if !backoff.wait(shutdown).await {
@@ -468,4 +472,18 @@ fn insert_span(batch: &[&OrderMessage]) -> tracing::Span {
         }
     }
     span
+}
+
+/// Whether `e` says the worker's Redis connection is gone (closed, reset,
+/// refused): a pooled connection does not reconnect by itself, so the worker
+/// takes another at once rather than after [`RECONNECT_AFTER`] failures.
+fn connection_lost(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<redis::RedisError>())
+        .any(drops_connection)
+}
+
+/// Whether a Redis error means its connection must be replaced.
+fn drops_connection(e: &redis::RedisError) -> bool {
+    e.is_connection_dropped() || e.is_connection_refusal() || e.is_unrecoverable_error()
 }

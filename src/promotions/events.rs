@@ -14,24 +14,25 @@ use tokio_util::sync::CancellationToken;
 
 use super::PromotionCache;
 use crate::pace;
-use crate::stock::Keys;
-use crate::stock::store::subscribe_changes;
+use crate::stock::store::{changed_promotion, subscribe_changes, unsubscribe_changes};
+use crate::stock::{Keys, ListenerPool};
 
 /// Wait before subscribing again after the channel was lost.
 const RESUBSCRIBE_AFTER: Duration = Duration::from_secs(1);
 
-/// Listens on `P:events` until `shutdown`, subscribing again after failures.
+/// Listens on `P:events` until `shutdown`, subscribing again after failures,
+/// on a connection from `pool` (one per listener).
 pub async fn listen(
-    redis_url: String,
+    pool: ListenerPool,
     keys: Keys,
     cache: PromotionCache,
     shutdown: CancellationToken,
 ) {
     loop {
-        match subscribe_once(&redis_url, &keys, &cache, &shutdown).await {
+        match subscribe_once(&pool, &keys, &cache, &shutdown).await {
             Ok(()) => return,
             Err(e) => {
-                tracing::warn!(error = %e, "cache invalidation channel lost; reconnecting");
+                tracing::warn!(error = %format!("{e:#}"), "cache invalidation channel lost; reconnecting");
                 if !pace::sleep(RESUBSCRIBE_AFTER, &shutdown).await {
                     return;
                 }
@@ -40,30 +41,41 @@ pub async fn listen(
     }
 }
 
-/// One subscription, until it drops (an error) or `shutdown` (`Ok`).
+/// One subscription, until it drops (an error: the connection is thrown
+/// away) or `shutdown` (`Ok`: it unsubscribes and goes back to the pool).
 async fn subscribe_once(
-    redis_url: &str,
+    pool: &ListenerPool,
     keys: &Keys,
     cache: &PromotionCache,
     shutdown: &CancellationToken,
-) -> redis::RedisResult<()> {
-    let changes = subscribe_changes(redis_url, keys).await?;
-    tokio::pin!(changes);
+) -> anyhow::Result<()> {
+    let mut conn = pool.lease().await?;
+    if let Err(e) = subscribe_changes(&mut conn, keys).await {
+        ListenerPool::discard(conn);
+        return Err(e.into());
+    }
     // Anything may have changed while we were not listening.
     cache.invalidate_all();
-    loop {
-        tokio::select! {
-            change = changes.next() => match change {
-                Some(Ok(id)) => cache.invalidate(id).await,
-                Some(Err(e)) => tracing::warn!(error = %e, "malformed cache invalidation message"),
-                None => {
-                    return Err(redis::RedisError::from((
-                        redis::ErrorKind::Io,
-                        "pub/sub connection closed",
-                    )))
-                }
-            },
-            _ = shutdown.cancelled() => return Ok(()),
+    let closed = {
+        let mut changes = conn.on_message();
+        loop {
+            tokio::select! {
+                change = changes.next() => match change {
+                    Some(msg) => match changed_promotion(&msg) {
+                        Ok(id) => cache.invalidate(id).await,
+                        Err(e) => tracing::warn!(error = %e, "malformed cache invalidation message"),
+                    },
+                    None => break true,
+                },
+                _ = shutdown.cancelled() => break false,
+            }
         }
+    };
+    if closed || unsubscribe_changes(&mut conn, keys).await.is_err() {
+        ListenerPool::discard(conn);
     }
+    if closed {
+        anyhow::bail!("pub/sub connection closed");
+    }
+    Ok(())
 }

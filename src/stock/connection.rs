@@ -4,12 +4,15 @@
 //! multiplexed [`ConnectionManager`] (one URL: standalone) or to the redis
 //! crate's async [`ClusterConnection`] (several comma-separated seed URLs:
 //! cluster mode), which follows `MOVED`/`ASK`, refreshes its slot map and
-//! reconnects by itself. Both are cheap to clone and share their sockets.
+//! reconnects by itself; or, for a task that holds a connection of its own
+//! (an order worker), to a plain [`MultiplexedConnection`] or a cluster
+//! connection lent by `stock::pool`. All are cheap to clone and share their
+//! sockets.
 //!
 //! This module sends no command of its own: it only carries the commands
 //! `stock::store` builds. The one builder is `stock::store::connect`.
 
-use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 
@@ -18,6 +21,9 @@ use redis::{Cmd, Pipeline, RedisFuture, Value};
 pub enum RedisConn {
     /// One server: a multiplexed connection that reconnects by itself.
     Single(ConnectionManager),
+    /// One server, over a connection lent by a pool: it does not reconnect
+    /// by itself; its holder asks the pool for another.
+    Multiplexed(MultiplexedConnection),
     /// A cluster: commands go to the primary of their key's slot.
     Cluster(ClusterConnection),
 }
@@ -45,6 +51,7 @@ impl ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             RedisConn::Single(c) => c.req_packed_command(cmd),
+            RedisConn::Multiplexed(c) => c.req_packed_command(cmd),
             RedisConn::Cluster(c) => c.req_packed_command(cmd),
         }
     }
@@ -57,6 +64,7 @@ impl ConnectionLike for RedisConn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             RedisConn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            RedisConn::Multiplexed(c) => c.req_packed_commands(pipeline, offset, count),
             RedisConn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }
@@ -64,6 +72,7 @@ impl ConnectionLike for RedisConn {
     fn get_db(&self) -> i64 {
         match self {
             RedisConn::Single(c) => c.get_db(),
+            RedisConn::Multiplexed(c) => c.get_db(),
             RedisConn::Cluster(c) => c.get_db(),
         }
     }

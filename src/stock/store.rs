@@ -19,16 +19,16 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use anyhow::Context;
-use futures_util::{Stream, StreamExt};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::cluster::ClusterClientBuilder;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSub};
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::streams::{
     StreamAutoClaimOptions, StreamAutoClaimReply, StreamInfoConsumersReply, StreamPendingReply,
     StreamRangeReply, StreamReadOptions,
 };
 use redis::{
-    AsyncCommands, ErrorKind, ExistenceCheck, RedisError, RedisResult, SetExpiry, SetOptions,
+    AsyncCommands, AsyncConnectionConfig, ErrorKind, ExistenceCheck, IntoConnectionInfo,
+    RedisError, RedisResult, SetExpiry, SetOptions,
 };
 
 use super::buckets::{self, MAX_BUCKETS};
@@ -113,20 +113,7 @@ impl ConnectOptions {
 pub async fn connect(url: &str, options: ConnectOptions) -> anyhow::Result<RedisConn> {
     let nodes = seeds(url);
     if nodes.len() > 1 {
-        let client = ClusterClientBuilder::new(nodes)
-            .retries(options.cluster_retries)
-            .min_retry_wait(options.min_retry_wait.as_millis() as u64)
-            .max_retry_wait(options.max_delay.as_millis() as u64)
-            .connection_timeout(options.connection_timeout)
-            .response_timeout(options.response_timeout)
-            .overall_response_timeout(Some(options.overall_timeout))
-            .max_connection_attempts(
-                std::num::NonZeroUsize::new(options.max_connection_attempts.max(1))
-                    .expect("at least 1"),
-            )
-            .build()
-            .context("invalid redis cluster seed urls")?;
-        let conn = client
+        let conn = cluster_client(nodes, options)?
             .get_async_connection()
             .await
             .context("failed to connect to the redis cluster")?;
@@ -142,6 +129,36 @@ pub async fn connect(url: &str, options: ConnectOptions) -> anyhow::Result<Redis
         .await
         .context("failed to connect to redis")?;
     Ok(RedisConn::Single(conn))
+}
+
+/// A cluster client for the seed `nodes`, with every retry, timeout and
+/// reconnection setting taken from `options` (for [`connect`] and for the
+/// pools of `stock::pool`).
+pub(super) fn cluster_client<T: IntoConnectionInfo>(
+    nodes: Vec<T>,
+    options: ConnectOptions,
+) -> anyhow::Result<ClusterClient> {
+    ClusterClientBuilder::new(nodes)
+        .retries(options.cluster_retries)
+        .min_retry_wait(options.min_retry_wait.as_millis() as u64)
+        .max_retry_wait(options.max_delay.as_millis() as u64)
+        .connection_timeout(options.connection_timeout)
+        .response_timeout(options.response_timeout)
+        .overall_response_timeout(Some(options.overall_timeout))
+        .max_connection_attempts(
+            std::num::NonZeroUsize::new(options.max_connection_attempts.max(1))
+                .expect("at least 1"),
+        )
+        .build()
+        .context("invalid redis cluster seed urls")
+}
+
+/// The settings of a plain multiplexed connection (one that does not
+/// reconnect by itself: its holder asks its pool for another) from `options`.
+pub(super) fn connection_config(options: ConnectOptions) -> AsyncConnectionConfig {
+    AsyncConnectionConfig::new()
+        .set_response_timeout(Some(options.response_timeout))
+        .set_connection_timeout(Some(options.connection_timeout))
 }
 
 /// What the purchase script decided for one buyer. These are business
@@ -429,6 +446,7 @@ impl Store {
         cmd.arg(wait.replicas).arg(wait.timeout.as_millis() as u64);
         let acked: i64 = match self.conn() {
             RedisConn::Single(mut c) => cmd.query_async(&mut c).await?,
+            RedisConn::Multiplexed(mut c) => cmd.query_async(&mut c).await?,
             RedisConn::Cluster(mut c) => {
                 let route = Route::with_key(key, SlotAddr::Master);
                 let value = c
@@ -1399,37 +1417,23 @@ fn dead_letter(e: &Entry, reason: &str) -> Vec<(String, String)> {
 /// (its reads of several streams do not block; see [`Store::read_new`]).
 pub const CLUSTER_POLL: Duration = Duration::from_millis(50);
 
-/// The promotion ids published on the invalidation channel, from a
-/// subscription of its own, until the connection drops.
+/// Subscribes a listener's connection (from [`super::pool::ListenerPool`])
+/// to the invalidation channel; its messages are read with
+/// [`changed_promotion`].
 ///
 /// On a cluster, a `PUBLISH` on any node reaches the subscribers of every
 /// node (the cluster bus carries it), so one subscription to one node hears
 /// them all, whatever the slots do (resharding moves keys, not channels).
-/// The seeds are tried in turn: a node that is down or gone is skipped, and
-/// the caller subscribes again when the connection drops.
-pub async fn subscribe_changes(
-    redis_url: &str,
-    keys: &Keys,
-) -> RedisResult<impl Stream<Item = RedisResult<i64>> + use<>> {
-    let mut last_error = None;
-    for seed in seeds(redis_url) {
-        let subscribed = async {
-            let client = redis::Client::open(seed)?;
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(keys.events()).await?;
-            Ok::<_, RedisError>(pubsub)
-        };
-        match subscribed.await {
-            Ok(pubsub) => {
-                return Ok(pubsub.into_on_message().map(|msg| msg.get_payload::<i64>()));
-            }
-            Err(e) => last_error = Some(e),
-        }
-    }
-    Err(last_error.unwrap_or_else(|| {
-        RedisError::from((
-            ErrorKind::InvalidClientConfig,
-            "no redis url to subscribe to",
-        ))
-    }))
+pub async fn subscribe_changes(pubsub: &mut PubSub, keys: &Keys) -> RedisResult<()> {
+    pubsub.subscribe(keys.events()).await
+}
+
+/// Ends [`subscribe_changes`], so the connection can go back to its pool.
+pub async fn unsubscribe_changes(pubsub: &mut PubSub, keys: &Keys) -> RedisResult<()> {
+    pubsub.unsubscribe(keys.events()).await
+}
+
+/// The promotion id an invalidation message names.
+pub fn changed_promotion(msg: &redis::Msg) -> RedisResult<i64> {
+    msg.get_payload::<i64>()
 }

@@ -8,6 +8,7 @@ use futures_util::future::join_all;
 use reqwest::StatusCode;
 use seckill::app::Role;
 use seckill::orders::{Worker, WorkerConfig};
+use seckill::stock::WorkerPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::spawn_app_with;
@@ -36,7 +37,7 @@ async fn a_copied_batch_stores_every_field_of_every_stream_message_exactly() {
         drain: Duration::from_secs(5),
     };
     let mut w = Worker::connect(
-        &app.settings.redis_url,
+        WorkerPool::new(&app.settings.redis_url, 1, config.block).unwrap(),
         app.db.clone(),
         app.keys.clone(),
         "copy".into(),

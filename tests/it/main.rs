@@ -23,6 +23,7 @@ mod nginx_web;
 mod openapi;
 mod ops;
 mod orders_and_limits;
+mod pools;
 mod protection;
 mod purchase;
 mod races;

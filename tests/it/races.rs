@@ -11,6 +11,7 @@ use seckill::app::Role;
 use seckill::checkpoint;
 use seckill::orders::{Worker, WorkerConfig};
 use seckill::recovery;
+use seckill::stock::WorkerPool;
 use seckill::stock::{Buyer, Outcome, Store};
 use tokio_util::sync::CancellationToken;
 
@@ -230,7 +231,7 @@ async fn a_worker_reading_several_backlogged_streams_persists_every_entry_it_rea
     assert!(answers.iter().all(|(s, _)| *s == StatusCode::OK));
 
     let mut worker = Worker::connect(
-        &app.settings.redis_url,
+        WorkerPool::new(&app.settings.redis_url, 1, Duration::from_millis(100)).unwrap(),
         app.db.clone(),
         app.keys.clone(),
         "fresh".into(),

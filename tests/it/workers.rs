@@ -8,6 +8,7 @@ use futures_util::future::join_all;
 use reqwest::StatusCode;
 use seckill::app::Role;
 use seckill::orders::{Worker, WorkerConfig};
+use seckill::stock::WorkerPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::{TestApp, order_ids, spawn_app_with};
@@ -25,7 +26,7 @@ fn config(batch: usize, claim_idle: Duration) -> WorkerConfig {
 
 async fn worker(app: &TestApp, name: &str, cfg: WorkerConfig) -> Worker {
     let mut w = Worker::connect(
-        &app.settings.redis_url,
+        WorkerPool::new(&app.settings.redis_url, 1, cfg.block).unwrap(),
         app.db.clone(),
         app.keys.clone(),
         name.to_string(),
