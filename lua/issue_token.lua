@@ -20,14 +20,14 @@ Returns (named in Rust as `stock::lua::codes::issue_token`):
   1  admitted now          2  admitted before (a fresh token, no new seat)
   0  refused: the cap is reached or nothing is left on sale
   3  not started           4  ended
-  5  unknown promotion (no state in Redis)
+  5  unknown promotion (no state in Redis: meta missing or without starts_ms)
 
 Invariants:
   - HLEN tokens never exceeds stock * multiple;
   - a buyer admitted once is never refused a new token for the cap.
 ]]
 
-if redis.call('EXISTS', KEYS[1]) == 0 then
+if redis.call('HEXISTS', KEYS[1], 'starts_ms') == 0 then
   return 5
 end
 local meta = redis.call('HMGET', KEYS[1], 'starts_ms', 'ends_ms', 'stock')

@@ -28,8 +28,9 @@ Returns an array of n integers, one per buyer, in order (named in Rust as
   0  sold out
   2  already purchased: the buyer has reached per-user limit
   3  not started      4  ended
-  5  unknown: the promotion's meta is missing (never preheated, deleted, or
-     lost by Redis; `seckill recover` rebuilds it)
+  5  unknown: the promotion's meta is not loaded: missing (never preheated,
+     deleted, or lost by Redis) or without `starts_ms` (only counters, as on
+     a replica that missed the preheat); recovery rebuilds it
 
 Stream entry fields: order_id, promotion_id, user_id, seq (the buyer's n-th
 unit, 1-based), price_cents, created_ms, and traceparent only when the
@@ -54,12 +55,13 @@ local out = {}
 -- Trace contexts follow the buyers only while traces are exported.
 local traced = #ARGV > 2 * n + 1
 
-if redis.call('EXISTS', KEYS[1]) == 0 then
+local meta = redis.call('HMGET', KEYS[1], 'id', 'starts_ms', 'ends_ms', 'limit', 'price_cents')
+-- Loaded: preheat or recover wrote the meta, `starts_ms` with it. A hash
+-- without it (missing, or holding only counters) is not loaded.
+if not meta[2] then
   for i = 1, n do out[i] = 5 end
   return out
 end
-
-local meta = redis.call('HMGET', KEYS[1], 'id', 'starts_ms', 'ends_ms', 'limit', 'price_cents')
 local promotion_id = meta[1]
 local starts_ms = tonumber(meta[2])
 local ends_ms = tonumber(meta[3])

@@ -4,7 +4,9 @@ recover.lua: rebuild a promotion's sale state from the counts PostgreSQL
 
 Run by `seckill recover` and at start-up, after refill.lua refilled the
 buyers, results, returned and won keys. Until this script has run, the meta
-hash is missing and purchase.lua answers "unknown" for the promotion, so
+hash is missing (or holds counters without `starts_ms`, as a replica that
+missed the preheat may) and purchase.lua answers "unknown" for the
+promotion, so
 nothing is sold from a half-rebuilt state. A recovery holds the promotion's
 `recovering` lock (SET NX with a TTL, its value a token of its own) from
 before it reads PostgreSQL; this script, like refill.lua, writes only while
@@ -30,8 +32,8 @@ ARGV[13..16] optional, for a bucket of a bucketed promotion: the bucket's
             recovery from the other buckets' records)
 
 Returns (`stock::lua::codes::recover`) 1 when the state was rebuilt (the lock
-is released), 0 when the meta hash existed (nothing changed: running recovery
-twice is harmless), 2 when the caller no longer holds the lock (nothing
+is released), 0 when the meta was loaded (it has `starts_ms`: nothing
+changed, running recovery twice is harmless), 2 when the caller no longer holds the lock (nothing
 changed).
 
 Invariants:
@@ -41,7 +43,7 @@ Invariants:
   - only the holder of the lock writes.
 ]]
 
-if redis.call('EXISTS', KEYS[1]) == 1 then
+if redis.call('HEXISTS', KEYS[1], 'starts_ms') == 1 then
   return 0
 end
 if redis.call('GET', KEYS[4]) ~= ARGV[12] then
@@ -63,6 +65,8 @@ if type(ok) == 'table' and ok.err and not string.find(ok.err, 'BUSYGROUP') then
   return redis.error_reply(ok.err)
 end
 
+-- A meta without `starts_ms` (counters only) is replaced whole.
+redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1],
   'id', ARGV[1],
   'starts_ms', ARGV[2],

@@ -5,11 +5,11 @@ returned or won orders, for the recovery that holds the promotion's lock.
 Recovery reads PostgreSQL (and what is left of the stream), then writes the
 sale state in chunks with this script and finishes with recover.lua, which
 writes the meta last. Each chunk is written only while the meta is still
-missing and the caller still holds the lock, so two recoveries can never mix
+not loaded (missing, or counters without `starts_ms`) and the caller still holds the lock, so two recoveries can never mix
 their writes, and a late one can never overwrite buyers' counts after the
 sale reopened. Each call also extends the lock, so a long recovery keeps it.
 
-KEYS[1]  {P:p:ID}:meta        hash (see purchase.lua): must not exist
+KEYS[1]  {P:p:ID}:meta        hash (see purchase.lua): must not be loaded
 KEYS[2]  {P:p:ID}:recovering  string  the recovery lock's token
 KEYS[3]  {P:p:ID}:buyers      hash  user id -> units bought
 KEYS[4]  {P:p:ID}:results     hash  user id -> order id of the latest purchase
@@ -24,16 +24,16 @@ ARGV[4..] for `buyers`: triples user id, units bought, latest order id;
 
 Returns (named in Rust as `stock::lua::codes::refill`):
   1  written
-  2  refused: the meta exists or the caller lost the lock (nothing written)
+  2  refused: the meta is loaded or the caller lost the lock (nothing written)
 
 Invariants:
-  - nothing is written once the meta exists (the sale is open again);
+  - nothing is written once the meta is loaded (the sale is open again);
   - only the holder of the lock writes;
   - the values are derived from PostgreSQL, so writing a chunk twice writes
     the same thing.
 ]]
 
-if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('GET', KEYS[2]) ~= ARGV[1] then
+if redis.call('HEXISTS', KEYS[1], 'starts_ms') == 1 or redis.call('GET', KEYS[2]) ~= ARGV[1] then
   return 2
 end
 redis.call('PEXPIRE', KEYS[2], ARGV[2])

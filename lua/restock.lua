@@ -22,7 +22,7 @@ Invariants:
     cannot buy again past the per-user limit.
 ]]
 
-if redis.call('EXISTS', KEYS[1]) == 0 then
+if redis.call('HEXISTS', KEYS[1], 'starts_ms') == 0 then
   return -1
 end
 if redis.call('SADD', KEYS[3], ARGV[1]) == 0 then

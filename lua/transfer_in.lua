@@ -23,7 +23,7 @@ Invariants:
     bucket afterwards.
 ]]
 
-if redis.call('EXISTS', KEYS[1]) == 0 then
+if redis.call('HEXISTS', KEYS[1], 'starts_ms') == 0 then
   return -1
 end
 if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then

@@ -31,7 +31,7 @@ Invariants:
   - a transfer id takes units at most once.
 ]]
 
-if redis.call('EXISTS', KEYS[1]) == 0 then
+if redis.call('HEXISTS', KEYS[1], 'starts_ms') == 0 then
   return -1
 end
 local recorded = redis.call('HGET', KEYS[3], ARGV[1])

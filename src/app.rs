@@ -303,6 +303,7 @@ async fn start_background(
         db,
         store,
         settings.reconcile_interval,
+        settings.recover_interval,
         shutdown.clone(),
     ));
     Ok(tasks)

@@ -69,6 +69,12 @@ const DEFAULT_SWEEP_INTERVAL_MS: u64 = 1000;
 const ENV_RECONCILE_INTERVAL_MS: &str = "SECKILL_RECONCILE_INTERVAL_MS";
 const DEFAULT_RECONCILE_INTERVAL_MS: u64 = 30_000;
 
+/// How often the worker process looks for a promotion on sale whose Redis
+/// state is lost (a failover to a replica that missed it, a restart without
+/// persistence) and rebuilds it from PostgreSQL.
+const ENV_RECOVER_INTERVAL_MS: &str = "SECKILL_RECOVER_INTERVAL_MS";
+const DEFAULT_RECOVER_INTERVAL_MS: u64 = 2_000;
+
 /// Purchases per second this gateway lets through to Redis (0: no limit).
 /// Above what one Redis serves, the excess is better refused at the edge.
 const ENV_RATE_GLOBAL: &str = "SECKILL_RATE_GLOBAL";
@@ -289,6 +295,7 @@ pub struct Settings {
     pub payment_timeout: Duration,
     pub sweep_interval: Duration,
     pub reconcile_interval: Duration,
+    pub recover_interval: Duration,
     pub rate_global: u32,
     pub rate_user: u32,
     pub rate_ip: u32,
@@ -530,6 +537,7 @@ impl Settings {
             payment_timeout: r.secs(ENV_PAYMENT_TIMEOUT_SECS, DEFAULT_PAYMENT_TIMEOUT_SECS),
             sweep_interval: r.millis(ENV_SWEEP_INTERVAL_MS, DEFAULT_SWEEP_INTERVAL_MS),
             reconcile_interval: r.millis(ENV_RECONCILE_INTERVAL_MS, DEFAULT_RECONCILE_INTERVAL_MS),
+            recover_interval: r.millis(ENV_RECOVER_INTERVAL_MS, DEFAULT_RECOVER_INTERVAL_MS),
             rate_global: r.parse(ENV_RATE_GLOBAL, DEFAULT_RATE_GLOBAL),
             rate_user: r.parse(ENV_RATE_USER, DEFAULT_RATE_USER),
             rate_ip: r.parse(ENV_RATE_IP, DEFAULT_RATE_IP),
@@ -658,6 +666,7 @@ impl Settings {
                 !self.reconcile_interval.is_zero(),
                 ENV_RECONCILE_INTERVAL_MS,
             ),
+            (!self.recover_interval.is_zero(), ENV_RECOVER_INTERVAL_MS),
             (!self.worker_block.is_zero(), ENV_WORKER_BLOCK_MS),
             (!self.claim_idle.is_zero(), ENV_CLAIM_IDLE_MS),
             (!self.cache_ttl.is_zero(), ENV_CACHE_TTL_MS),
@@ -848,6 +857,7 @@ mod tests {
             ENV_PAYMENT_TIMEOUT_SECS,
             ENV_SWEEP_INTERVAL_MS,
             ENV_RECONCILE_INTERVAL_MS,
+            ENV_RECOVER_INTERVAL_MS,
             ENV_WORKER_BLOCK_MS,
             ENV_CLAIM_IDLE_MS,
             ENV_CACHE_TTL_MS,

@@ -3,13 +3,15 @@
 //! [`recover`] rebuilds a promotion's sale state in Redis when Redis lost it
 //! (stock = initial − orders + cancelled, buyers and their latest orders from
 //! PostgreSQL and from whatever is left in the stream). [`reconcile`] proves
-//! the two stores agree. Both run from the CLI; recovery also at start-up.
+//! the two stores agree. Both run from the CLI; recovery also at start-up,
+//! and the background side rebuilds a promotion on sale whose state Redis
+//! lost ([`run_periodic`]).
 //! [`buckets`] does the same for a promotion split into buckets, one lost
 //! bucket at a time, and finishes the transfers a crash left in transit.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use chrono::Utc;
@@ -464,12 +466,66 @@ pub fn table(rows: &[Reconciliation]) -> String {
     s
 }
 
-/// Reconciles every `every` until `shutdown`, keeping the
-/// `seckill_reconcile_drift` gauge current.
-pub async fn run_periodic(db: PgPool, store: Store, every: Duration, shutdown: CancellationToken) {
-    while pace::sleep(every, &shutdown).await {
-        if let Err(e) = reconcile(&db, &store, None, false).await {
-            tracing::warn!(error = %format!("{e:#}"), "periodic reconcile failed");
+/// Until `shutdown`: rebuilds every `recover_every` the promotions on sale
+/// whose Redis state is lost ([`recover_on_sale`]), and reconciles every
+/// `reconcile_every`, keeping the `seckill_reconcile_drift` gauge current.
+pub async fn run_periodic(
+    db: PgPool,
+    store: Store,
+    reconcile_every: Duration,
+    recover_every: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut reconciled = Instant::now();
+    let mut recovered = Instant::now();
+    while pace::sleep(recover_every.min(reconcile_every), &shutdown).await {
+        if recovered.elapsed() >= recover_every {
+            recovered = Instant::now();
+            if let Err(e) = recover_on_sale(&db, &store).await {
+                tracing::warn!(error = %format!("{e:#}"), "looking for lost promotions failed");
+            }
+        }
+        if reconciled.elapsed() >= reconcile_every {
+            reconciled = Instant::now();
+            if let Err(e) = reconcile(&db, &store, None, false).await {
+                tracing::warn!(error = %format!("{e:#}"), "periodic reconcile failed");
+            }
         }
     }
+}
+
+/// Rebuilds the Redis state of every promotion on sale (its window open)
+/// that Redis lost: after a failover to a replica that missed it, or a
+/// restart without persistence, the sale goes on within
+/// `SECKILL_RECOVER_INTERVAL_MS` instead of answering `503` until someone runs `seckill recover`. A
+/// promotion not started yet is left to start-up and `seckill recover`:
+/// only a promotion on sale cannot be deleted meanwhile (the admin API
+/// refuses), so a rebuild never brings back a deleted one.
+pub async fn recover_on_sale(db: &PgPool, store: &Store) -> anyhow::Result<Vec<Recovered>> {
+    let now = Utc::now();
+    let mut out = Vec::new();
+    for p in repo::list_open(db).await? {
+        if !p.is_active(now) {
+            continue;
+        }
+        // The common case, in one round trip per bucket: nothing lost.
+        let live = store
+            .counters(p.id)
+            .await
+            .context("failed to check the promotion's redis state")?;
+        if live.has_meta {
+            continue;
+        }
+        let r = recover_one(db, store, &p).await?;
+        if r.rebuilt {
+            tracing::warn!(
+                promotion = p.id,
+                remaining = r.remaining,
+                sold = r.sold,
+                "rebuilt the redis state of a promotion on sale that redis had lost"
+            );
+        }
+        out.push(r);
+    }
+    Ok(out)
 }

@@ -255,8 +255,9 @@ pub struct LiveCounters {
     pub returned: i64,
     /// Order messages not yet persisted and acknowledged.
     pub in_stream: i64,
-    /// Whether the meta hash exists (the promotion can be sold); for a
-    /// bucketed promotion, the meta of every bucket.
+    /// Whether the meta hash is loaded (it has `starts_ms`: preheat or
+    /// recovery wrote it, and the promotion can be sold); for a bucketed
+    /// promotion, the meta of every bucket.
     pub has_meta: bool,
     /// Units taken out of a bucket by a transfer not yet added to another
     /// (0 unless the promotion is bucketed).
@@ -266,7 +267,8 @@ pub struct LiveCounters {
 /// One promotion's sale state at one instant (see [`Store::snapshot`]).
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
-    /// Units left on sale; `None` when Redis has no stock key for it.
+    /// Units left on sale; `None` when Redis has no stock key or no loaded
+    /// meta (with `starts_ms`) for it.
     pub remaining: Option<i64>,
     pub sold: i64,
     pub returned: i64,
@@ -514,6 +516,15 @@ impl Store {
                 .await
                 .with_context(|| format!("failed to preheat promotion {} in redis", meta.id))?;
             total += left;
+            // With replicas to wait for, the sale state is on them before
+            // the sale opens; when they are late the promotion stands (a
+            // replica promoted without it is rebuilt by recovery).
+            if let Some(wait) = self.wait {
+                let k = self.keys.bucket(meta.id, bucket);
+                if let Err(e) = self.wait_for_replicas(&k.meta, wait).await {
+                    tracing::warn!(promotion = meta.id, bucket, error = %e, "a preheat is not on the replicas yet");
+                }
+            }
         }
         self.add_live(meta.id).await?;
         Ok(total)
@@ -794,7 +805,7 @@ impl Store {
                     &["sold", "returned", "buckets", "moved_out", "moved_in"],
                 )
                 .xlen(&k.orders)
-                .exists(&k.meta)
+                .hexists(&k.meta, "starts_ms")
                 .query_async(&mut self.conn())
                 .await?;
         let field = |i: usize| fields.get(i).copied().flatten();
@@ -848,7 +859,7 @@ impl Store {
     async fn bucket_snapshot(&self, k: &PromotionKeys, with_buyers: bool) -> RedisResult<Snapshot> {
         type Counters = (Option<i64>, Vec<Option<i64>>);
         type Ids = (HashSet<String>, HashSet<String>);
-        let fields = ["sold", "returned", "moved_out", "moved_in"];
+        let fields = ["sold", "returned", "moved_out", "moved_in", "starts_ms"];
         let mut conn = self.conn();
         let ((remaining, f), (returned_ids, won), bought) = if with_buyers {
             let (c, i, bought): (Counters, Ids, Vec<i64>) = redis::pipe()
@@ -875,8 +886,11 @@ impl Store {
             (c, i, None)
         };
         let field = |i: usize| f.get(i).copied().flatten().unwrap_or(0);
+        // A meta without `starts_ms` is not loaded: the state is lost, even
+        // if its stock key is there.
+        let loaded = f.get(4).copied().flatten().is_some();
         Ok(Snapshot {
-            remaining,
+            remaining: remaining.filter(|_| loaded),
             sold: field(0),
             returned: field(1),
             returned_ids,

@@ -128,7 +128,100 @@ impl ClusterProc {
             String::from_utf8_lossy(&out.stderr)
         );
         cluster.wait_ok().await;
+        if replicas > 0 {
+            cluster.wait_replicating(replicas).await;
+        }
         cluster
+    }
+
+    /// Waits until a new cluster's replicas hold what their primaries are
+    /// written from now on. `cluster_state:ok` is not enough: while the
+    /// nodes still exchange the slot map, a replica may apply a write of its
+    /// primary, acknowledge its offset, then drop the key when a late
+    /// configuration update reaches it (seen here under load with Redis 7.0:
+    /// the replica reported the primary's offset and held no key). So: every
+    /// node must report the same primaries, slots and replicas, and a probe
+    /// key written on each primary must be readable on its replica, the
+    /// probe rewritten until it is.
+    async fn wait_replicating(&self, replicas: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        // One view of the slot map, agreed by every node, with every replica.
+        loop {
+            let mut views = Vec::new();
+            for n in &self.nodes {
+                views.push(slot_map(&mut n.conn().await).await);
+            }
+            let agreed = views.windows(2).all(|w| w[0] == w[1]);
+            let complete = views[0].iter().all(|(_, _, _, of)| of.len() == replicas);
+            if agreed && complete && !views[0].is_empty() {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the nodes never agreed on the slot map: {views:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // A probe per primary, read back from each of its replicas.
+        let map = slot_map(&mut self.nodes[0].conn().await).await;
+        for (lo, _, primary, of) in map {
+            let mut on_primary = self.node_ref(primary).conn().await;
+            let probe = self.key_in_slot_range(lo).await;
+            for replica in of {
+                let mut on_replica = self.node_ref(replica).conn().await;
+                let _: () = redis::cmd("READONLY")
+                    .query_async(&mut on_replica)
+                    .await
+                    .unwrap();
+                let mut round = 0u32;
+                loop {
+                    round += 1;
+                    let _: () = redis::cmd("SET")
+                        .arg(&probe)
+                        .arg(round)
+                        .query_async(&mut on_primary)
+                        .await
+                        .unwrap();
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let seen: Option<u32> = redis::cmd("GET")
+                        .arg(&probe)
+                        .query_async(&mut on_replica)
+                        .await
+                        .unwrap_or(None);
+                    if seen == Some(round) {
+                        break;
+                    }
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "replica {replica} never held what {primary} was written"
+                    );
+                }
+            }
+            let _: () = redis::cmd("DEL")
+                .arg(&probe)
+                .query_async(&mut on_primary)
+                .await
+                .unwrap();
+        }
+    }
+
+    fn node_ref(&self, port: u16) -> &Node {
+        self.nodes.iter().find(|n| n.port == port).unwrap()
+    }
+
+    /// A key whose slot is `slot`'s primary's: the first `probe-N` in the
+    /// range that starts at `slot` (one of every few N is).
+    async fn key_in_slot_range(&self, lo: u16) -> String {
+        let map = slot_map(&mut self.nodes[0].conn().await).await;
+        let (_, hi, _, _) = map.iter().find(|(l, ..)| *l == lo).unwrap().clone();
+        for n in 0.. {
+            let key = format!("probe-{n}");
+            let slot = self.slot(&key).await;
+            if (lo..=hi).contains(&slot) {
+                return key;
+            }
+        }
+        unreachable!()
     }
 
     async fn wait_ping(&self, port: u16) {
@@ -328,4 +421,40 @@ impl Drop for ClusterProc {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A node's view of the slot map (`CLUSTER SLOTS`): per range, its first and
+/// last slot, its primary's port and its replicas' ports (sorted).
+async fn slot_map(c: &mut redis::aio::MultiplexedConnection) -> Vec<(u16, u16, u16, Vec<u16>)> {
+    let slots: Vec<redis::Value> = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query_async(c)
+        .await
+        .unwrap_or_default();
+    let port = |v: &redis::Value| match v {
+        redis::Value::Array(node) => match node.get(1) {
+            Some(redis::Value::Int(p)) => *p as u16,
+            _ => 0,
+        },
+        _ => 0,
+    };
+    let mut out: Vec<(u16, u16, u16, Vec<u16>)> = slots
+        .iter()
+        .filter_map(|range| {
+            let redis::Value::Array(items) = range else {
+                return None;
+            };
+            let (Some(redis::Value::Int(lo)), Some(redis::Value::Int(hi))) =
+                (items.first(), items.get(1))
+            else {
+                return None;
+            };
+            let primary = port(items.get(2)?);
+            let mut replicas: Vec<u16> = items[3..].iter().map(port).collect();
+            replicas.sort_unstable();
+            Some((*lo as u16, *hi as u16, primary, replicas))
+        })
+        .collect();
+    out.sort_unstable();
+    out
 }

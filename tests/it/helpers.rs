@@ -51,6 +51,10 @@ pub fn test_settings() -> Settings {
         worker_block: Duration::from_millis(200),
         claim_idle: Duration::from_secs(2),
         shutdown_grace: Duration::from_secs(5),
+        // Tests that lose a promotion's Redis state on purpose rebuild it
+        // themselves (`seckill recover`), at the point they choose; those
+        // about the background rebuild set it short.
+        recover_interval: Duration::from_secs(3600),
         // Rate limits are off unless a test is about them: the concurrency
         // tests send many requests from one address and one user on purpose.
         rate_global: 0,

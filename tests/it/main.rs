@@ -18,6 +18,7 @@ mod faults;
 mod fuzz;
 mod input;
 mod lifecycle;
+mod lost_state;
 mod nginx;
 mod nginx_web;
 mod openapi;

@@ -106,9 +106,12 @@ impl Store {
         })
     }
 
-    /// Whether bucket `bucket` of promotion `id` has its meta hash.
+    /// Whether bucket `bucket` of promotion `id` has its meta hash loaded
+    /// (with `starts_ms`, as preheat and recovery write it).
     pub async fn bucket_has_meta(&self, id: i64, bucket: u32) -> RedisResult<bool> {
-        self.conn().exists(self.keys.bucket(id, bucket).meta).await
+        self.conn()
+            .hexists(self.keys.bucket(id, bucket).meta, "starts_ms")
+            .await
     }
 
     /// The order messages still in bucket `bucket`'s stream.
