@@ -1,12 +1,13 @@
-//! Pause points: named places in the background workflows (recovery,
-//! reconcile) where a test can hold the code, to force an interleaving
-//! instead of hoping a sleep wins a race.
+//! Pause points: named places in the workflows (recovery, reconcile, a
+//! cancel, a bucket refill) where a test can hold the code, to force an
+//! interleaving instead of hoping a sleep wins a race.
 //!
 //! A point is armed for one key prefix (each test has its own), so parallel
 //! tests never hold each other's code. An armed point holds the first task
 //! that reaches it until the test releases it; later arrivals pass. With
 //! nothing armed, reaching a point costs one uncontended lock and an empty
-//! scan; no point is on the purchase path.
+//! scan. The one point on the purchase path (a bucketed promotion's refill
+//! finding units in transit) is off its common case.
 
 use std::sync::{Arc, Mutex};
 

@@ -14,6 +14,7 @@
 use redis::RedisResult;
 
 use super::store::{Levels, Store, TransferOut};
+use crate::checkpoint;
 
 /// Most buckets a promotion may have (API.md).
 pub const MAX_BUCKETS: u32 = 64;
@@ -57,9 +58,16 @@ pub fn units_to_take(available: i64, wanted: usize) -> i64 {
 
 /// Moves units into bucket `to` of promotion `id` (of `buckets` buckets)
 /// from the others, for `wanted` buyers waiting there: asks each other
-/// bucket in turn, starting after `to`, until units came or none is left.
-/// Returns the units now added to `to`'s stock (0: every other bucket is
-/// dry).
+/// bucket in turn, starting after `to`, until units came. Returns the units
+/// now in `to`'s stock, moved or arrived meanwhile (0: the promotion has no
+/// unit left outside `to`, on sale or on its way).
+///
+/// Other gateways move units at the same time, so one read of the levels
+/// is not the last word: a source may be emptied between the read and the
+/// take, and its units land in a bucket read as dry a moment before. When a
+/// look finds nothing to take, the levels are read again, for as long as
+/// some other bucket has stock or units are in transit (at most
+/// [`MAX_LOOKS`] looks); only then are the buyers told it is sold out.
 pub async fn refill(
     store: &Store,
     id: i64,
@@ -70,20 +78,58 @@ pub async fn refill(
     if buckets <= 1 {
         return Ok(0);
     }
-    let stocks = store.bucket_stocks(id, buckets).await?;
-    for step in 1..buckets {
-        let from = (to + step) % buckets;
-        let available = stocks[from as usize];
-        if available <= 0 {
-            continue;
+    for _ in 0..MAX_LOOKS {
+        let stocks = store.bucket_stocks(id, buckets).await?;
+        if stocks[to as usize] > 0 {
+            // Units came in meanwhile (another gateway's transfer, a
+            // return): the buyers try those.
+            return Ok(stocks[to as usize]);
         }
-        let units = units_to_take(available, wanted);
-        let moved = transfer(store, id, from, to, units).await?;
-        if moved > 0 {
-            return Ok(moved);
+        let mut saw_stock = false;
+        for step in 1..buckets {
+            let from = (to + step) % buckets;
+            let available = stocks[from as usize];
+            if available <= 0 {
+                continue;
+            }
+            saw_stock = true;
+            let units = units_to_take(available, wanted);
+            let moved = transfer(store, id, from, to, units).await?;
+            if moved > 0 {
+                return Ok(moved);
+            }
         }
+        if !saw_stock && in_transit(store, id, buckets).await? == 0 {
+            return Ok(0);
+        }
+        // A source emptied under us, or units are on their way between two
+        // other buckets: look again once they have landed.
+        checkpoint::point(store.keys().prefix(), REFILL_LOOKS_AGAIN).await;
+        tokio::time::sleep(LOOK_AGAIN_AFTER).await;
     }
     Ok(0)
+}
+
+/// Most reads of the levels one [`refill`] makes.
+pub const MAX_LOOKS: usize = 20;
+
+/// The wait before [`refill`] looks again: a transfer in flight takes two
+/// more script calls to land.
+const LOOK_AGAIN_AFTER: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// The pause point where [`refill`] found nothing to take but units on their
+/// way between other buckets (see `checkpoint`); reached only then.
+pub const REFILL_LOOKS_AGAIN: &str = "buckets.refill_looks_again";
+
+/// Units of promotion `id` taken out of a bucket by a transfer and not yet
+/// added to another.
+async fn in_transit(store: &Store, id: i64, buckets: u32) -> RedisResult<i64> {
+    let mut sum = 0;
+    for bucket in 0..buckets {
+        let l = store.bucket_levels(id, bucket).await?;
+        sum += l.moved_out - l.moved_in;
+    }
+    Ok(sum)
 }
 
 /// One transfer of up to `units` from bucket `from` to bucket `to`, all

@@ -525,6 +525,77 @@ async fn a_transfer_stopped_between_its_steps_is_finished_by_recovery_once() {
     app.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_buyer_whose_bucket_is_dry_waits_for_units_in_transit_instead_of_being_told_sold_out() {
+    // Another gateway's transfer empties bucket 2 into bucket 1 and is
+    // between its steps when a buyer of bucket 0 finds every bucket dry.
+    let mut app = spawn_app_with(Role::Serve, |_| {}).await;
+    let n = 3u32;
+    let id = app.create_promotion(bucketed_body(3, 1, 3)).await["id"]
+        .as_i64()
+        .unwrap();
+    let s = store(&app);
+    let in_0 = users_in(0, n, 2, 11_000);
+    let in_1 = users_in(1, n, 1, 11_000);
+    for u in [in_0[0], in_1[0]] {
+        assert_eq!(app.purchase(id, u).await.0, StatusCode::OK);
+    }
+    assert_eq!(
+        s.transfer_out(id, 2, 1, "t-other", 1).await.unwrap(),
+        TransferOut::Taken(1)
+    );
+    assert_eq!(
+        stocks(&app, id, n).await,
+        vec![0, 0, 0],
+        "one unit in transit"
+    );
+
+    // The buyer's refill sees no stock but the unit in transit: held there.
+    let hold = seckill::checkpoint::arm(
+        &app.settings.key_prefix,
+        seckill::stock::buckets::REFILL_LOOKS_AGAIN,
+    );
+    let buying = {
+        let (client, url) = (
+            app.client.clone(),
+            app.url(&format!("/api/promotions/{id}/purchase")),
+        );
+        let user = in_0[1];
+        tokio::spawn(async move {
+            read(
+                client
+                    .post(url)
+                    .bearer_auth(user_token(user))
+                    .json(&json!({}))
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(10), hold.reached())
+        .await
+        .expect("the buyer's refill waits for the unit in transit");
+    // The other transfer lands in bucket 1, then the buyer looks again.
+    assert!(
+        seckill::stock::buckets::finish(&s, id, 2, 1, "t-other", 1)
+            .await
+            .unwrap()
+    );
+    hold.release();
+    let (status, body) = buying.await.unwrap();
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the last unit is sold, not left in bucket 1: {body}"
+    );
+    assert_eq!(stocks(&app, id, n).await, vec![0, 0, 0]);
+    app.wait_for_rows(id, 3, Duration::from_secs(20)).await;
+    assert_eq!(assert_no_drift(&app, id).await.in_transit, 0);
+    app.stop().await;
+}
+
 /// `POST path` as `user` with `body`.
 async fn post_as(app: &TestApp, path: &str, user: i64, body: Value) -> (StatusCode, Value) {
     let res = app
