@@ -2,8 +2,10 @@
 //! `cluster_procs`): no oversell over two gateways, the per-user limit,
 //! every `200` persisted, cancel returning its unit once across gateways,
 //! recovery after a node lost a promotion's keys, reconcile with zero drift,
-//! promotions on every primary, scripts surviving `SCRIPT FLUSH`, and a
-//! replayed purchase call taking nothing twice.
+//! promotions on every primary, scripts surviving `SCRIPT FLUSH`, a
+//! replayed purchase call taking nothing twice, the cache listeners
+//! subscribing again elsewhere when their node dies, and, with replicas and
+//! `WAIT`, no `200` lost when a primary is killed mid-sale.
 
 use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
@@ -488,4 +490,110 @@ async fn with_wait_for_one_replica_every_200_survives_its_primary_killed_mid_sal
         "PostgreSQL holds {} orders, Redis counts {sold} sold",
         persisted.len()
     );
+}
+
+/// How many clients of each running node are subscribed to `channel`
+/// (`PUBSUB NUMSUB` counts a node's own subscribers only).
+async fn subscribers(cluster: &ClusterProc, channel: &str) -> Vec<(u16, i64)> {
+    let mut out = Vec::new();
+    for n in cluster.nodes.iter().filter(|n| n.is_running()) {
+        let counts: Vec<(String, i64)> = redis::cmd("PUBSUB")
+            .arg("NUMSUB")
+            .arg(channel)
+            .query_async(&mut n.conn().await)
+            .await
+            .unwrap();
+        let here = counts.first().map_or(0, |(_, c)| *c);
+        if here > 0 {
+            out.push((n.port, here));
+        }
+    }
+    out
+}
+
+/// Waits until `n` listeners are subscribed to `channel` somewhere.
+async fn wait_for_subscribers(cluster: &ClusterProc, channel: &str, n: i64) -> Vec<(u16, i64)> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let subs = subscribers(cluster, channel).await;
+        if subs.iter().map(|(_, c)| c).sum::<i64>() == n {
+            return subs;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "wanted {n} subscribers, found {subs:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cache_listeners_subscribe_again_elsewhere_when_their_node_dies_on_a_cluster() {
+    let mut cluster = ClusterProc::start(3, 1).await;
+    let mut settings = test_settings();
+    settings.redis_url = cluster.url();
+    // Only an invalidation can clear a gateway's cached sold-out flag.
+    settings.sold_out_ttl = Duration::from_secs(600);
+    settings.cache_ttl = Duration::from_secs(600);
+    let a = spawn_with_settings(Role::Serve, settings.clone()).await;
+    let b = spawn_with_settings(Role::GatewayOnly, settings).await;
+    let channel = a.keys.events();
+    let before = wait_for_subscribers(&cluster, &channel, 2).await;
+
+    let id = a.active_promotion(1, 1).await;
+    let order = a.buy(id, 1).await;
+    assert_eq!(a.wait_for_rows(id, 1, Duration::from_secs(30)).await, 1);
+    let (status, _) = b.purchase(id, 2).await;
+    assert_eq!(status, StatusCode::GONE, "b caches the sold-out flag");
+
+    // The node the listeners hear from dies; a replica takes its place when
+    // it was a primary (after it holds the promotion, if it is its node).
+    let dead = before[0].0;
+    if cluster.primaries().await.contains(&dead) {
+        let replica = cluster.replica_of(dead).await;
+        let meta = a.keys.promotion(id).meta;
+        if cluster.primary_of(cluster.slot(&meta).await).await == dead {
+            let mut on_replica = cluster
+                .nodes
+                .iter()
+                .find(|n| n.port == replica)
+                .unwrap()
+                .conn()
+                .await;
+            let _: () = redis::cmd("READONLY")
+                .query_async(&mut on_replica)
+                .await
+                .unwrap();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                let sold: Option<i64> = redis::cmd("HGET")
+                    .arg(&meta)
+                    .arg("sold")
+                    .query_async(&mut on_replica)
+                    .await
+                    .unwrap();
+                if sold == Some(1) {
+                    break;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "never replicated");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        cluster.node(dead).kill9();
+        cluster.take_over(replica).await;
+    } else {
+        cluster.node(dead).kill9();
+    }
+    let after = wait_for_subscribers(&cluster, &channel, 2).await;
+    println!("listeners subscribed on {before:?}; node {dead} killed; now on {after:?}");
+    assert!(after.iter().all(|(port, _)| *port != dead));
+
+    // A cancel through a: b sells the returned unit, which only the
+    // invalidation published on the new subscription can tell it.
+    let (status, body) = a.order_action(&order, "cancel", 1).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = b
+        .purchase_until_not_sold_out(id, 2, Duration::from_secs(10))
+        .await;
+    assert_eq!(status, StatusCode::OK, "b heard the invalidation: {body}");
 }
