@@ -553,31 +553,8 @@ async fn the_cache_listeners_subscribe_again_elsewhere_when_their_node_dies_on_a
         let replica = cluster.replica_of(dead).await;
         let meta = a.keys.promotion(id).meta;
         if cluster.primary_of(cluster.slot(&meta).await).await == dead {
-            let mut on_replica = cluster
-                .nodes
-                .iter()
-                .find(|n| n.port == replica)
-                .unwrap()
-                .conn()
-                .await;
-            let _: () = redis::cmd("READONLY")
-                .query_async(&mut on_replica)
-                .await
-                .unwrap();
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-            loop {
-                let sold: Option<i64> = redis::cmd("HGET")
-                    .arg(&meta)
-                    .arg("sold")
-                    .query_async(&mut on_replica)
-                    .await
-                    .unwrap();
-                if sold == Some(1) {
-                    break;
-                }
-                assert!(tokio::time::Instant::now() < deadline, "never replicated");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            let sold = redis::cmd("HGET").arg(&meta).arg("sold").clone();
+            cluster.wait_on_replica(replica, &sold, Some(1i64)).await;
         }
         cluster.node(dead).kill9();
         cluster.take_over(replica).await;

@@ -168,11 +168,7 @@ impl ClusterProc {
             let mut on_primary = self.node_ref(primary).conn().await;
             let probe = self.key_in_slot_range(lo).await;
             for replica in of {
-                let mut on_replica = self.node_ref(replica).conn().await;
-                let _: () = redis::cmd("READONLY")
-                    .query_async(&mut on_replica)
-                    .await
-                    .unwrap();
+                let mut on_replica = self.reader(replica).await;
                 let mut round = 0u32;
                 loop {
                     round += 1;
@@ -202,6 +198,34 @@ impl ClusterProc {
                 .query_async(&mut on_primary)
                 .await
                 .unwrap();
+        }
+    }
+
+    /// A connection to the replica on `port` that may serve reads
+    /// (`READONLY`).
+    pub async fn reader(&self, port: u16) -> redis::aio::MultiplexedConnection {
+        let mut c = self.node_ref(port).conn().await;
+        let _: () = redis::cmd("READONLY").query_async(&mut c).await.unwrap();
+        c
+    }
+
+    /// Waits until `cmd`, asked of the replica on `port`, answers `want`.
+    pub async fn wait_on_replica<T>(&self, port: u16, cmd: &redis::Cmd, want: T)
+    where
+        T: redis::FromRedisValue + PartialEq + std::fmt::Debug,
+    {
+        let mut c = self.reader(port).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let got: T = cmd.query_async(&mut c).await.unwrap();
+            if got == want {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "replica {port} never answered {want:?}: {got:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

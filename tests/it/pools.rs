@@ -227,56 +227,16 @@ async fn on_a_cluster_the_workers_pool_lends_cluster_connections_that_follow_a_f
     // The replica has it before the primary dies.
     let primary = cluster.primary_of(cluster.slot(key).await).await;
     let replica = cluster.replica_of(primary).await;
-    let mut on_replica = cluster
-        .nodes
-        .iter()
-        .find(|n| n.port == replica)
-        .unwrap()
-        .conn()
+    cluster
+        .wait_on_replica(replica, redis::cmd("GET").arg(key), Some("v".to_string()))
         .await;
-    let _: () = redis::cmd("READONLY")
-        .query_async(&mut on_replica)
-        .await
-        .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let there: Option<String> = redis::cmd("GET")
-            .arg(key)
-            .query_async(&mut on_replica)
-            .await
-            .unwrap();
-        if there.is_some() {
-            break;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            for n in cluster.nodes.iter().filter(|n| n.is_running()) {
-                let info: String = redis::cmd("INFO")
-                    .arg("replication")
-                    .query_async(&mut n.conn().await)
-                    .await
-                    .unwrap_or_default();
-                let mut c = n.conn().await;
-                let _: redis::RedisResult<()> = redis::cmd("READONLY").query_async(&mut c).await;
-                let got: redis::RedisResult<Option<String>> =
-                    redis::cmd("GET").arg(key).query_async(&mut c).await;
-                let size: redis::RedisResult<i64> = redis::cmd("DBSIZE").query_async(&mut c).await;
-                println!(
-                    "node {}: GET {got:?} DBSIZE {size:?} {}",
-                    n.port,
-                    info.lines().take(4).collect::<Vec<_>>().join(" ")
-                );
-            }
-            panic!("{key} never reached {replica}, the replica of {primary}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 
     // The key's primary dies and its replica takes over.
     cluster.node(primary).kill9();
     cluster.take_over(replica).await;
 
-    // A worker whose connection fails throws it away and takes another,
-    // which learns the new slot map from the seeds.
+    // A fresh lease (what a worker takes when its connection failed)
+    // learns the new slot map from the seeds.
     lease.discard();
     let lease = pool.lease().await.unwrap();
     let value: Option<String> = redis::cmd("GET")
