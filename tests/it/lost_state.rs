@@ -36,6 +36,19 @@ async fn buy_until_sold(app: &TestApp, id: i64, first: i64) -> usize {
     unreachable!()
 }
 
+/// Leaves promotion `id`'s meta hash as a replica that missed the preheat
+/// but got the purchases holds it: `sold` alone (the other keys are there).
+async fn leave_counters_only(app: &TestApp, id: i64, sold: i64) {
+    let meta = app.keys.promotion(id).meta;
+    let _: () = redis::pipe()
+        .atomic()
+        .del(&meta)
+        .hset(&meta, "sold", sold)
+        .query_async(&mut app.redis.clone())
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_promotion_on_sale_whose_redis_state_is_lost_is_rebuilt_by_the_background_and_sells_exactly_its_stock()
  {
@@ -88,23 +101,13 @@ async fn a_meta_hash_holding_only_counters_is_not_loaded_and_is_rebuilt_whole() 
     }
     assert_eq!(app.wait_for_rows(id, 3, Duration::from_secs(20)).await, 3);
 
-    // What a replica that missed the preheat but got the purchases holds:
-    // the meta hash with `sold` alone (the other keys are there).
-    let meta = app.keys.promotion(id).meta;
-    let mut conn = app.redis.clone();
-    let _: () = redis::pipe()
-        .atomic()
-        .del(&meta)
-        .hset(&meta, "sold", 3)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    leave_counters_only(&app, id, 3).await;
 
     let unavailable = buy_until_sold(&app, id, 100).await;
     println!("counters-only meta: {unavailable} purchases answered 503 before the rebuild");
     let fields: Vec<(String, String)> = redis::cmd("HGETALL")
-        .arg(&meta)
-        .query_async(&mut conn)
+        .arg(app.keys.promotion(id).meta)
+        .query_async(&mut app.redis.clone())
         .await
         .unwrap();
     let names: Vec<&str> = fields.iter().map(|(k, _)| k.as_str()).collect();
@@ -138,15 +141,7 @@ async fn a_counters_only_meta_answers_not_loaded_until_recover_rebuilds_it() {
     let id = app.active_promotion(5, 1).await;
     app.buy(id, 1).await;
     assert_eq!(app.wait_for_rows(id, 1, Duration::from_secs(20)).await, 1);
-    let meta = app.keys.promotion(id).meta;
-    let mut conn = app.redis.clone();
-    let _: () = redis::pipe()
-        .atomic()
-        .del(&meta)
-        .hset(&meta, "sold", 1)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    leave_counters_only(&app, id, 1).await;
     tokio::time::sleep(app.settings.cache_ttl + Duration::from_millis(50)).await;
     let (status, body) = app.purchase(id, 2).await;
     assert_eq!(
