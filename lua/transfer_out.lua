@@ -18,7 +18,10 @@ ARGV[3]  the destination bucket
 
 Returns (named in Rust as `stock::lua::codes::transfer_out`):
   n >= 1  the units taken (at most ARGV[2]); also the answer of a replayed
-          call for a transfer id recorded before (nothing is taken again)
+          call for a transfer id recorded before (nothing is taken again;
+          the record is written again as it is, so that a WAIT after the
+          replay covers the step: recovery replays a transfer in transit
+          before it adds its units to the destination)
    0      the source has no unit on sale; nothing is recorded
   -1      the source bucket has no state (lost); nothing changed
 
@@ -36,6 +39,7 @@ if redis.call('HEXISTS', KEYS[1], 'starts_ms') == 0 then
 end
 local recorded = redis.call('HGET', KEYS[3], ARGV[1])
 if recorded then
+  redis.call('HSET', KEYS[3], ARGV[1], recorded)
   return tonumber(string.match(recorded, '^(%d+)'))
 end
 local stock = tonumber(redis.call('GET', KEYS[2]) or '0')

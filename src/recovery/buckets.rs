@@ -204,13 +204,20 @@ pub fn spread(raw: &[i64]) -> Vec<(usize, usize, i64)> {
 }
 
 /// Finishes every transfer a bucket of promotion `id` records as in
-/// transit: adds the units to the destination (once, by transfer id) and
-/// marks it done. A destination without state is left for the recovery that
-/// rebuilds it. Returns how many were finished.
+/// transit: replays its first step (with replicas to wait for, the step is
+/// then on the source's replicas: see `Store::transfer_out`), adds the units
+/// to the destination (once, by transfer id) and marks it done. A transfer
+/// whose step the replicas did not acknowledge in time stays in transit,
+/// for a later pass; a destination without state is left for the recovery
+/// that rebuilds it. Returns how many were finished.
 pub async fn finish_transits(store: &Store, id: i64, n: u32) -> anyhow::Result<usize> {
     let mut finished = 0;
     for from in 0..n {
         for t in store.transits(id, from).await? {
+            if let Err(e) = store.transfer_out(id, t.from, t.to, &t.id, t.units).await {
+                tracing::warn!(promotion = id, transfer = %t.id, error = %e, "a transfer in transit is not on the replicas yet; left for a later pass");
+                continue;
+            }
             if buckets::finish(store, id, t.from, t.to, &t.id, t.units).await? {
                 finished += 1;
                 tracing::info!(

@@ -478,10 +478,11 @@ pub async fn run_periodic(
 ) {
     let mut reconciled = Instant::now();
     let mut recovered = Instant::now();
+    let mut in_transit = HashMap::new();
     while pace::sleep(recover_every.min(reconcile_every), &shutdown).await {
         if recovered.elapsed() >= recover_every {
             recovered = Instant::now();
-            if let Err(e) = recover_on_sale(&db, &store).await {
+            if let Err(e) = recover_on_sale(&db, &store, &mut in_transit).await {
                 tracing::warn!(error = %format!("{e:#}"), "looking for lost promotions failed");
             }
         }
@@ -501,9 +502,20 @@ pub async fn run_periodic(
 /// promotion not started yet is left to start-up and `seckill recover`:
 /// only a promotion on sale cannot be deleted meanwhile (the admin API
 /// refuses), so a rebuild never brings back a deleted one.
-pub async fn recover_on_sale(db: &PgPool, store: &Store) -> anyhow::Result<Vec<Recovered>> {
+///
+/// It also finishes the transfers of a bucketed promotion that stay in
+/// transit: units in transit at two looks in a row (`in_transit`, the units
+/// each promotion had in transit at the previous look) belong to a gateway
+/// that died between the steps, or whose first step the replicas did not
+/// acknowledge in time; until finished they are on sale nowhere.
+pub async fn recover_on_sale(
+    db: &PgPool,
+    store: &Store,
+    in_transit: &mut HashMap<i64, i64>,
+) -> anyhow::Result<Vec<Recovered>> {
     let now = Utc::now();
     let mut out = Vec::new();
+    let mut seen = HashMap::new();
     for p in repo::list_open(db).await? {
         if !p.is_active(now) {
             continue;
@@ -514,6 +526,17 @@ pub async fn recover_on_sale(db: &PgPool, store: &Store) -> anyhow::Result<Vec<R
             .await
             .context("failed to check the promotion's redis state")?;
         if live.has_meta {
+            if live.in_transit > 0 {
+                if in_transit.get(&p.id).is_some_and(|before| *before > 0) {
+                    let finished = buckets::finish_transits(store, p.id, p.meta().buckets).await?;
+                    tracing::warn!(
+                        promotion = p.id,
+                        finished,
+                        "finished transfers left in transit"
+                    );
+                }
+                seen.insert(p.id, live.in_transit);
+            }
             continue;
         }
         let r = recover_one(db, store, &p).await?;
@@ -527,5 +550,6 @@ pub async fn recover_on_sale(db: &PgPool, store: &Store) -> anyhow::Result<Vec<R
         }
         out.push(r);
     }
+    *in_transit = seen;
     Ok(out)
 }

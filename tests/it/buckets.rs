@@ -14,6 +14,7 @@ use seckill::stock::{Store, TransferOut};
 use serde_json::{Value, json};
 
 use crate::helpers::*;
+use crate::procs::RedisProc;
 
 /// `count` user ids, from `from` up, that hash to bucket `bucket` of `n`.
 fn users_in(bucket: u32, n: u32, count: usize, from: i64) -> Vec<i64> {
@@ -594,6 +595,74 @@ async fn a_buyer_whose_bucket_is_dry_waits_for_units_in_transit_instead_of_being
     app.wait_for_rows(id, 3, Duration::from_secs(20)).await;
     assert_eq!(assert_no_drift(&app, id).await.in_transit, 0);
     app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_wait_a_transfer_reaches_its_destination_only_once_its_first_step_is_on_a_replica() {
+    // A source whose first step a failover could undo must not have given
+    // its units away: they would be on sale twice.
+    let primary = RedisProc::start(false).await;
+    let mut replica = RedisProc::start_replica_of(&primary).await;
+    let mut settings = test_settings();
+    settings.redis_url = primary.url();
+    settings.redis_wait_replicas = 1;
+    settings.redis_wait_timeout = Duration::from_millis(200);
+    settings.recover_interval = Duration::from_millis(200);
+    let mut app = spawn_with_settings(Role::Serve, settings).await;
+    let n = 2u32;
+    let id = app.create_promotion(bucketed_body(2, 1, 2)).await["id"]
+        .as_i64()
+        .unwrap();
+    let in_0 = users_in(0, n, 2, 12_000);
+    assert_eq!(app.purchase(id, in_0[0]).await.0, StatusCode::OK);
+
+    // The replica is gone: bucket 0's next buyer needs bucket 1's unit.
+    replica.kill9();
+    let (status, body) = app.purchase(id, in_0[1]).await;
+    assert_eq!(
+        (status, code(&body)),
+        (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+        "{body}"
+    );
+    let levels = [s_levels(&app, id, 0).await, s_levels(&app, id, 1).await];
+    println!("replica down: bucket levels {levels:?}");
+    assert_eq!(
+        (levels[1].moved_out, levels[0].moved_in),
+        (1, 0),
+        "taken out of bucket 1, not added to bucket 0"
+    );
+    assert_eq!(
+        stocks(&app, id, n).await,
+        vec![0, 0],
+        "the unit is in transit"
+    );
+
+    // The replica is back: the background finishes the transfer (its first
+    // step now on the replica) and the unit is sold once.
+    replica.restart().await;
+    primary.wait_for_replicas(1).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        // 503 or 410 while the unit is still in transit.
+        let (status, body) = app.purchase(id, in_0[1]).await;
+        if status == StatusCode::OK {
+            break;
+        }
+        assert!(
+            status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::GONE,
+            "{status} {body}"
+        );
+        assert!(tokio::time::Instant::now() < deadline, "never sold: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(stocks(&app, id, n).await, vec![0, 0]);
+    app.wait_for_rows(id, 2, Duration::from_secs(20)).await;
+    assert_eq!(assert_no_drift(&app, id).await.in_transit, 0);
+    app.stop().await;
+}
+
+async fn s_levels(app: &TestApp, id: i64, bucket: u32) -> seckill::stock::Levels {
+    store(app).bucket_levels(id, bucket).await.unwrap()
 }
 
 /// `POST path` as `user` with `body`.

@@ -49,6 +49,8 @@ pub struct RedisProc {
     pub port: u16,
     dir: PathBuf,
     aof: bool,
+    /// The primary's port, for a replica.
+    replica_of: Option<u16>,
     child: Option<Child>,
 }
 
@@ -59,10 +61,47 @@ impl RedisProc {
             port: spare_port(),
             dir: scratch_dir("redis"),
             aof,
+            replica_of: None,
             child: None,
         };
         r.spawn().await;
         r
+    }
+
+    /// Starts a replica of `primary` (`--replicaof`), without persistence,
+    /// and waits until the primary counts it online.
+    pub async fn start_replica_of(primary: &RedisProc) -> RedisProc {
+        let mut r = RedisProc {
+            port: spare_port(),
+            dir: scratch_dir("redis"),
+            aof: false,
+            replica_of: Some(primary.port),
+            child: None,
+        };
+        r.spawn().await;
+        primary.wait_for_replicas(1).await;
+        r
+    }
+
+    /// Waits until this primary has `n` replicas online.
+    pub async fn wait_for_replicas(&self, n: usize) {
+        let mut c = redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        for _ in 0..400 {
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            if info.matches("state=online").count() == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("redis on {} never had {n} replicas online", self.port);
     }
 
     pub fn url(&self) -> String {
@@ -80,6 +119,11 @@ impl RedisProc {
                 "",
             ])
             .args(["--appendonly", if self.aof { "yes" } else { "no" }])
+            .args(
+                self.replica_of
+                    .map(|p| vec!["--replicaof".to_string(), "127.0.0.1".into(), p.to_string()])
+                    .unwrap_or_default(),
+            )
             .args(["--appendfsync", "everysec"])
             .arg("--dir")
             .arg(&self.dir)

@@ -126,6 +126,12 @@ impl Store {
 
     /// Runs `lua/transfer_out.lua`: takes up to `units` from bucket `from`
     /// for bucket `to` under `transfer_id`.
+    ///
+    /// With replicas to wait for (`SECKILL_REDIS_WAIT_REPLICAS`), the units
+    /// taken are on the source's replicas before this returns, or it fails
+    /// and they stay in transit (recorded, not on sale; recovery finishes
+    /// the transfer). Else a failover of the source could bring the units
+    /// back on sale there after the destination added them: sold twice.
     pub async fn transfer_out(
         &self,
         id: i64,
@@ -145,7 +151,12 @@ impl Store {
             .invoke_async(&mut self.conn())
             .await?;
         match code {
-            n if n > 0 => Ok(TransferOut::Taken(n)),
+            n if n > 0 => {
+                if let Some(wait) = self.wait {
+                    self.wait_for_replicas(&k.meta, wait).await?;
+                }
+                Ok(TransferOut::Taken(n))
+            }
             codes::transfer_out::EMPTY | codes::transfer_out::NO_STATE => Ok(TransferOut::Empty),
             other => Err(unexpected(
                 "transfer_out.lua returned an unknown code",
