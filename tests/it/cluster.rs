@@ -4,8 +4,9 @@
 //! recovery after a node lost a promotion's keys, reconcile with zero drift,
 //! promotions on every primary, scripts surviving `SCRIPT FLUSH`, a
 //! replayed purchase call taking nothing twice, the cache listeners
-//! subscribing again elsewhere when their node dies, and, with replicas and
-//! `WAIT`, no `200` lost when a primary is killed mid-sale.
+//! subscribing again elsewhere when their node dies, a sale going on
+//! through a reshard of its slot, and, with replicas and `WAIT`, no `200`
+//! lost when a primary is killed mid-sale.
 
 use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
@@ -573,4 +574,101 @@ async fn the_cache_listeners_subscribe_again_elsewhere_when_their_node_dies_on_a
         .purchase_until_not_sold_out(id, 2, Duration::from_secs(10))
         .await;
     assert_eq!(status, StatusCode::OK, "b heard the invalidation: {body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sale_goes_on_through_a_reshard_of_its_slot_and_sells_exactly_its_stock() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const STOCK: i64 = 200;
+    let cluster = ClusterProc::start(3, 0).await;
+    let mut settings = test_settings();
+    settings.redis_url = cluster.url();
+    // Only an invalidation can clear a gateway's cached sold-out flag.
+    settings.sold_out_ttl = Duration::from_secs(600);
+    let a = Arc::new(spawn_with_settings(Role::Serve, settings.clone()).await);
+    let b = Arc::new(spawn_with_settings(Role::Serve, settings).await);
+    let id = a.active_promotion(STOCK, 1).await;
+    let slot = cluster.slot(&a.keys.promotion(id).meta).await;
+    let from = cluster.primary_of(slot).await;
+    let to = *cluster
+        .primaries()
+        .await
+        .iter()
+        .find(|p| **p != from)
+        .unwrap();
+
+    // Waves of 20 buyers over both gateways until a wave finds it sold out.
+    let confirmed_count = Arc::new(AtomicUsize::new(0));
+    let sale = {
+        let (a, b, count) = (Arc::clone(&a), Arc::clone(&b), Arc::clone(&confirmed_count));
+        tokio::spawn(async move {
+            let (mut confirmed, mut unavailable) = (Vec::new(), 0);
+            for first in (1..100_000i64).step_by(20) {
+                let answers = join_all((first..first + 20).map(|u| {
+                    let gw = if u % 2 == 0 { &a } else { &b };
+                    async move { (u, gw.purchase(id, u).await) }
+                }))
+                .await;
+                let mut sold_out = 0;
+                for (user, (status, body)) in answers {
+                    match status {
+                        StatusCode::OK => {
+                            let order = body["order_id"].as_str().unwrap().to_string();
+                            confirmed.push((user, order));
+                            count.fetch_add(1, Ordering::SeqCst);
+                        }
+                        StatusCode::SERVICE_UNAVAILABLE => unavailable += 1,
+                        StatusCode::GONE => sold_out += 1,
+                        other => panic!("unexpected answer {other}: {body}"),
+                    }
+                }
+                if sold_out == 20 {
+                    break;
+                }
+            }
+            (confirmed, unavailable)
+        })
+    };
+    // Mid-sale (60 confirmed, not a guessed delay) the slot moves.
+    while confirmed_count.load(Ordering::SeqCst) < 60 {
+        assert!(!sale.is_finished(), "the sale ended before the reshard");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let at_move = confirmed_count.load(Ordering::SeqCst);
+    cluster.migrate_slot(slot, from, to).await;
+    let after_move = confirmed_count.load(Ordering::SeqCst);
+    let (confirmed, unavailable) = sale.await.unwrap();
+    assert_eq!(cluster.primary_of(slot).await, to, "the slot moved");
+    println!(
+        "reshard of slot {slot} from {from} to {to} mid-sale: {at_move} confirmed before, \
+         {} during, {} after; 503 {unavailable}",
+        after_move - at_move,
+        confirmed.len() - after_move
+    );
+
+    // Exactly the stock reaches PostgreSQL, every 200 among it.
+    assert!(confirmed.len() as i64 <= STOCK, "no oversell");
+    assert_eq!(
+        a.wait_for_rows(id, STOCK, Duration::from_secs(60)).await,
+        STOCK
+    );
+    let persisted: HashSet<String> = order_ids(&a.db, id).await.into_iter().collect();
+    assert!(
+        confirmed.iter().all(|(_, o)| persisted.contains(o)),
+        "every 200 persisted"
+    );
+    let (rc, out) = a.reconcile(id).await;
+    assert_eq!(rc, 0, "reconcile finds no drift: {out}");
+
+    // A unit returned through a is sold through b, which had cached the
+    // sale as sold out: the invalidation reached it after the reshard.
+    let (user, order) = &confirmed[0];
+    let (status, body) = a.order_action(order, "cancel", *user).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = b
+        .purchase_until_not_sold_out(id, 200_001, Duration::from_secs(10))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
 }

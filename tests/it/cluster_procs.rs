@@ -482,3 +482,80 @@ async fn slot_map(c: &mut redis::aio::MultiplexedConnection) -> Vec<(u16, u16, u
     out.sort_unstable();
     out
 }
+
+impl ClusterProc {
+    /// The cluster id of the node on `port` (`CLUSTER MYID`).
+    pub async fn node_id(&self, port: u16) -> String {
+        redis::cmd("CLUSTER")
+            .arg("MYID")
+            .query_async(&mut self.node_ref(port).conn().await)
+            .await
+            .unwrap()
+    }
+
+    /// Moves `slot` and its keys from the primary on `from` to the primary
+    /// on `to`, as `redis-cli --cluster reshard` does, one slot:
+    /// `IMPORTING` on the target, `MIGRATING` on the source, `MIGRATE` of
+    /// its keys in batches (clients meanwhile get `ASK` for the keys moved),
+    /// then `SETSLOT … NODE` on both and every other primary.
+    pub async fn migrate_slot(&self, slot: u16, from: u16, to: u16) {
+        let (from_id, to_id) = (self.node_id(from).await, self.node_id(to).await);
+        let mut source = self.node_ref(from).conn().await;
+        let mut target = self.node_ref(to).conn().await;
+        let setslot = |state: &str, id: &str| {
+            redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(slot)
+                .arg(state)
+                .arg(id)
+                .clone()
+        };
+        let _: () = setslot("IMPORTING", &from_id)
+            .query_async(&mut target)
+            .await
+            .unwrap();
+        let _: () = setslot("MIGRATING", &to_id)
+            .query_async(&mut source)
+            .await
+            .unwrap();
+        loop {
+            let keys: Vec<String> = redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                .arg(10)
+                .query_async(&mut source)
+                .await
+                .unwrap();
+            if keys.is_empty() {
+                break;
+            }
+            let _: redis::Value = redis::cmd("MIGRATE")
+                .arg("127.0.0.1")
+                .arg(to)
+                .arg("")
+                .arg(0)
+                .arg(5000)
+                .arg("KEYS")
+                .arg(&keys)
+                .query_async(&mut source)
+                .await
+                .unwrap();
+        }
+        let _: () = setslot("NODE", &to_id)
+            .query_async(&mut target)
+            .await
+            .unwrap();
+        let _: () = setslot("NODE", &to_id)
+            .query_async(&mut source)
+            .await
+            .unwrap();
+        for p in self.primaries().await {
+            if p != from && p != to {
+                let _: () = setslot("NODE", &to_id)
+                    .query_async(&mut self.node_ref(p).conn().await)
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+}
