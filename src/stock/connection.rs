@@ -10,7 +10,8 @@
 //! sockets.
 //!
 //! This module sends no command of its own: it only carries the commands
-//! `stock::store` builds. The one builder is `stock::store::connect`.
+//! `stock::store` builds. The shared connection is built by
+//! `stock::store::connect`; the dedicated ones are lent by `stock::pool`.
 
 use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
 use redis::cluster_async::ClusterConnection;

@@ -25,9 +25,9 @@
 //! tests) what the pool holds; the listener's is the one with `sub=1` (a
 //! RESP2 pub/sub connection takes no other command).
 //!
-//! Nothing here builds a command of the store's: the only ones sent are
-//! that name and the `PING` with which a pool checks a connection handed
-//! back before lending it again.
+//! Nothing here builds a command: the name and the `PING` with which a pool
+//! checks a connection handed back before lending it again are
+//! `stock::store`'s, like every other.
 
 use std::time::Duration;
 
@@ -36,10 +36,12 @@ use deadpool::Runtime;
 use deadpool::managed::{self, Hook, HookError, Metrics, Object, Pool, RecycleResult, Timeouts};
 use deadpool_redis::cluster::{ClusterClient, ClusterConnection};
 use redis::RedisError;
-use redis::aio::{ConnectionLike, PubSub};
+use redis::aio::PubSub;
 
 use super::connection::{RedisConn, seeds};
-use super::store::{ConnectOptions, cluster_client, connection_config};
+use super::store::{
+    ConnectOptions, cluster_client, connection_config, name_connection, ping, ping_subscription,
+};
 
 /// The name (`CLIENT SETNAME`) of the workers' connections.
 pub const WORKER_NAME: &str = "seckill-worker";
@@ -99,7 +101,11 @@ impl WorkerPool {
             Kind::Single(
                 deadpool_redis::Pool::builder(manager)
                     .post_create(Hook::async_fn(|conn, _| {
-                        Box::pin(async move { set_name(conn).await.map_err(HookError::Backend) })
+                        Box::pin(async move {
+                            name_connection(conn, WORKER_NAME)
+                                .await
+                                .map_err(HookError::Backend)
+                        })
                     }))
                     .max_size(size)
                     .runtime(Runtime::Tokio1)
@@ -194,7 +200,7 @@ impl managed::Manager for ClusterManager {
     async fn create(&self) -> Result<ClusterConnection, RedisError> {
         let mut conn = self.client.get_async_connection().await?;
         // The cluster client sends it to every primary.
-        set_name(&mut conn).await?;
+        name_connection(&mut conn, WORKER_NAME).await?;
         Ok(conn)
     }
 
@@ -203,8 +209,7 @@ impl managed::Manager for ClusterManager {
         conn: &mut ClusterConnection,
         _: &Metrics,
     ) -> RecycleResult<RedisError> {
-        let _: String = redis::cmd("PING").query_async(conn).await?;
-        Ok(())
+        Ok(ping(conn).await?)
     }
 }
 
@@ -293,19 +298,8 @@ impl managed::Manager for PubSubManager {
     }
 
     async fn recycle(&self, conn: &mut PubSub, _: &Metrics) -> RecycleResult<RedisError> {
-        // `PONG`, or an array while subscribed.
-        let _: redis::Value = conn.ping().await?;
-        Ok(())
+        Ok(ping_subscription(conn).await?)
     }
-}
-
-/// Names a worker's connection in `CLIENT LIST`.
-async fn set_name(conn: &mut impl ConnectionLike) -> Result<(), RedisError> {
-    redis::cmd("CLIENT")
-        .arg("SETNAME")
-        .arg(WORKER_NAME)
-        .query_async(conn)
-        .await
 }
 
 /// How long a lease waits: for an idle connection, for a new one, and for

@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use anyhow::Context;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSub};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, PubSub};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::streams::{
@@ -1430,6 +1430,28 @@ fn dead_letter(e: &Entry, reason: &str) -> Vec<(String, String)> {
 /// How long a cluster worker waits when none of its streams had anything
 /// (its reads of several streams do not block; see [`Store::read_new`]).
 pub const CLUSTER_POLL: Duration = Duration::from_millis(50);
+
+/// `PING` on a connection a pool checks before lending it again.
+pub(super) async fn ping(conn: &mut impl ConnectionLike) -> RedisResult<()> {
+    let _: String = redis::cmd("PING").query_async(conn).await?;
+    Ok(())
+}
+
+/// `PING` on a pub/sub connection: `PONG`, or an array while subscribed.
+pub(super) async fn ping_subscription(pubsub: &mut PubSub) -> RedisResult<()> {
+    let _: redis::Value = pubsub.ping().await?;
+    Ok(())
+}
+
+/// Names a connection in `CLIENT LIST` (`CLIENT SETNAME`; on a cluster
+/// connection, on every node).
+pub(super) async fn name_connection(conn: &mut impl ConnectionLike, name: &str) -> RedisResult<()> {
+    redis::cmd("CLIENT")
+        .arg("SETNAME")
+        .arg(name)
+        .query_async(conn)
+        .await
+}
 
 /// Subscribes a listener's connection (from [`super::pool::ListenerPool`])
 /// to the invalidation channel; its messages are read with

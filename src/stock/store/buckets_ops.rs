@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use redis::{AsyncCommands, RedisResult};
 
+use super::super::keys::PromotionKeys;
 use super::super::lua::{Name, codes, script};
 use super::super::message::OrderMessage;
 use super::{CHUNK, Store, unexpected};
@@ -141,14 +142,8 @@ impl Store {
         units: i64,
     ) -> RedisResult<TransferOut> {
         let k = self.keys.bucket(id, from);
-        let code: i64 = script(Name::TransferOut)
-            .key(&k.meta)
-            .key(&k.stock)
-            .key(&k.transfers)
-            .arg(transfer_id)
-            .arg(units)
-            .arg(to)
-            .invoke_async(&mut self.conn())
+        let code = self
+            .transfer_step(Name::TransferOut, &k, &k.transfers, transfer_id, units, to)
             .await?;
         match code {
             n if n > 0 => {
@@ -176,14 +171,8 @@ impl Store {
         units: i64,
     ) -> RedisResult<bool> {
         let k = self.keys.bucket(id, to);
-        let code: i64 = script(Name::TransferIn)
-            .key(&k.meta)
-            .key(&k.stock)
-            .key(&k.received)
-            .arg(transfer_id)
-            .arg(units)
-            .arg(from)
-            .invoke_async(&mut self.conn())
+        let code = self
+            .transfer_step(Name::TransferIn, &k, &k.received, transfer_id, units, from)
             .await?;
         match code {
             codes::transfer_in::ADDED | codes::transfer_in::ALREADY_RECEIVED => Ok(true),
@@ -193,6 +182,30 @@ impl Store {
                 other,
             )),
         }
+    }
+
+    /// Runs step `name` of a transfer on bucket `k` (transfer_out.lua on the
+    /// source, transfer_in.lua on the destination: the same keys and
+    /// arguments): KEYS meta, stock, `record` (the bucket's transfers or
+    /// received hash); ARGV the transfer id, the units, the other bucket.
+    async fn transfer_step(
+        &self,
+        name: Name,
+        k: &PromotionKeys,
+        record: &str,
+        transfer_id: &str,
+        units: i64,
+        other: u32,
+    ) -> RedisResult<i64> {
+        script(name)
+            .key(&k.meta)
+            .key(&k.stock)
+            .key(record)
+            .arg(transfer_id)
+            .arg(units)
+            .arg(other)
+            .invoke_async(&mut self.conn())
+            .await
     }
 
     /// Runs `lua/transfer_done.lua`: marks transfer `transfer_id` done in
